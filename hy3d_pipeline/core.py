@@ -1,0 +1,113 @@
+"""The seed's single-image API, kept for callers outside Dagster (a web handler, a Celery task).
+
+`generate_3d_from_image_core` takes a local path or any S3 URL form, returns the seed's result dict and never
+raises for bad input. It runs the same functions as the `models_3d` asset.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("hy3d_pipeline")
+
+ProgressCallback = Callable[[float, str], None]
+
+
+def output_dir() -> Path:
+    return Path(os.getenv("HY3D_OUTPUT_DIR") or "hy3d-output")
+
+
+def _notify(callback: ProgressCallback | None, percent: float, status: str) -> None:
+    if callback is None:
+        return
+    try:
+        callback(float(percent), status)
+    except Exception:  # noqa: BLE001 - a broken progress display must not fail the generation
+        log.warning("progress_callback raised; ignoring it", exc_info=True)
+
+
+def generate_3d_from_image_core(
+    image_path: str,
+    with_texture: bool = False,
+    output_format: str = "glb",
+    progress_callback: ProgressCallback | None = None,
+) -> dict[str, Any]:
+    """Generate a 3D model from a local image or an S3 URL.
+
+    Returns {"status": "success", "model_path", "format", "backend", "vertices", "faces", "watertight",
+    "source", "seconds"} or {"status": "error", "message"}.
+    """
+    start = time.perf_counter()
+    try:
+        return _generate(image_path, with_texture, output_format, progress_callback, start)
+    except Exception as exc:  # noqa: BLE001 - the contract: an error dict, never an exception
+        log.error("generation failed for %s: %s", image_path, exc)
+        _notify(progress_callback, 100, "failed")
+        return {"status": "error", "message": str(exc) or type(exc).__name__, "source": str(image_path)}
+
+
+def _generate(image_path, with_texture, output_format, progress_callback, start) -> dict[str, Any]:
+    from hy3d_pipeline.models.export import export_model, mesh_stats
+    from hy3d_pipeline.models.processing import Timer, generate_mesh
+    from hy3d_pipeline.models.resources import GeneratorResource
+    from hy3d_pipeline.s3.urls import is_s3_url, parse_s3_url
+
+    if not isinstance(image_path, (str, os.PathLike)) or not str(image_path).strip():
+        raise ValueError(f"image_path must be a local path or an S3 URL, got {image_path!r}")
+    output_format = str(output_format).lower()
+    texture = "paint" if with_texture else None
+    settings = GeneratorResource.from_env().settings(output_format=output_format, texture=texture)
+    source = str(image_path)
+    timer = Timer()
+    storage = local = None
+    _notify(progress_callback, 0, "starting")
+    if is_s3_url(source):
+        from hy3d_pipeline.s3.resources import ImageStorage, default_region
+
+        location = parse_s3_url(source)
+        storage = ImageStorage.from_env(images_bucket=location.bucket, region_name=location.region or default_region())
+        _notify(progress_callback, 5, "downloading")
+        with timer.stage("download"):
+            info = storage.head(location.bucket, location.key)
+            local = storage.download(info)
+        seed_key, name = location.key, location.url
+    else:
+        if "://" in source:
+            raise ValueError(f"{source!r} is neither a local path nor an S3 URL (s3://bucket/key or an amazonaws.com URL)")
+        local = Path(source)
+        if not local.is_file():
+            raise FileNotFoundError(f"image not found: {source}")
+        seed_key, name = local.name, source
+    try:
+        _notify(progress_callback, 20, "generating")
+        mesh, prepared, generator = generate_mesh(local, name, settings, seed_key, timer)
+        _notify(progress_callback, 85, "exporting")
+        with timer.stage("export"):
+            files = export_model(mesh, settings.output_format, Path(seed_key).stem or "model")
+            out = output_dir()
+            out.mkdir(parents=True, exist_ok=True)
+            for file_name, data in files:
+                (out / file_name).write_bytes(data)
+            stats = mesh_stats(mesh)
+    finally:
+        if storage is not None and local is not None:
+            storage.discard_local(local)
+    _notify(progress_callback, 100, "done")
+    return {
+        "status": "success",
+        "model_path": str((out / files[0][0]).resolve()),
+        "format": settings.output_format,
+        "backend": generator.name,
+        "foreground_method": prepared.foreground_method,
+        "vertices": stats["vertices"],
+        "faces": stats["faces"],
+        "watertight": stats["watertight"],
+        "source": source,
+        "seconds": round(time.perf_counter() - start, 3),
+        **timer.seconds,
+    }

@@ -1,0 +1,30 @@
+"""The code location: `defs`, loaded by `dagster dev`, `dg`, the daemon and every run worker.
+
+Loading must stay cheap (sensor ticks and the UI reload it constantly): resources here carry settings only;
+the model is loaded inside runs.
+"""
+
+from dagster import Definitions, in_process_executor
+
+from hy3d_pipeline.images.sensors import new_images_sensor
+from hy3d_pipeline.models.assets import image_to_model
+from hy3d_pipeline.models.resources import GeneratorResource
+from hy3d_pipeline.s3.resources import ImageStorage
+
+DEFAULT_BUCKET = "hy3d-images"
+
+
+def build_defs() -> Definitions:
+    storage = ImageStorage.from_env()
+    if not storage.images_bucket:
+        storage = ImageStorage.from_env(images_bucket=DEFAULT_BUCKET)
+    return Definitions(
+        assets=[image_to_model],
+        sensors=[new_images_sensor],
+        resources={"storage": storage, "generator": GeneratorResource.from_env()},
+        # a batch run is one step: a process per step would cost more than the work (measured: 0.2 s vs seconds)
+        executor=in_process_executor,
+    )
+
+
+defs = build_defs()

@@ -1,0 +1,65 @@
+"""`hy3d-pipeline dev`: the embedded default plus the Dagster UI and daemon on 127.0.0.1.
+
+`dagster dev` started from a non-interactive shell ignores SIGINT and SIGTERM, so it is launched with SIGINT's
+default handler restored and in its own session; on exit we signal it by pid, then stop SeaweedFS.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+
+from hy3d_pipeline.embedded import setup
+
+
+def _restore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 20.0) -> None:
+    if proc.poll() is not None:
+        return
+    for sig, wait in ((signal.SIGINT, timeout), (signal.SIGTERM, 10.0)):
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(sig)
+        try:
+            proc.wait(wait)
+            return
+        except subprocess.TimeoutExpired:
+            pass
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def run_dev(host: str = "127.0.0.1", port: int = 3000, out=print) -> int:
+    from hy3d_pipeline.s3.resources import ImageStorage
+
+    with contextlib.ExitStack() as stack:
+        if not setup.s3_configured():
+            server = setup.start_embedded_s3()
+            stack.callback(server.stop)
+            out(f"embedded S3 (SeaweedFS) at {server.endpoint_url}, bucket {setup.EMBEDDED_BUCKET}")
+            setup.upload_samples(ImageStorage.from_env())
+        home = setup.prepare_dagster_home()
+        out(f"Dagster UI: http://{host}:{port}  (DAGSTER_HOME={home}); Ctrl-C stops everything")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dagster", "dev", "-m", "hy3d_pipeline", "-h", host, "-p", str(port)],
+            preexec_fn=_restore_sigint, start_new_session=True,
+        )
+        stack.callback(stop_process, proc)
+        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+        def _forward(signum, _frame):
+            stop_process(proc)
+
+        for s in previous:
+            signal.signal(s, _forward)
+        try:
+            return proc.wait() or 0
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)

@@ -1,0 +1,88 @@
+"""Bring up the embedded default: SeaweedFS with a project-local data folder, a bucket, the sample images, and
+a Dagster home, all under HY3D_HOME (default `./.hy3d`), so a second start finds the same data and history.
+
+When S3 is configured (S3_IMAGES_BUCKET or S3_ENDPOINT_URL set) nothing is started: the commands run against it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from pathlib import Path
+
+from hy3d_pipeline.embedded.seaweedfs import SeaweedS3
+
+EMBEDDED_BUCKET = "hy3d-images"
+SAMPLES_PREFIX = "samples/"
+
+DAGSTER_YAML = """\
+# written by hy3d-pipeline for the embedded default
+telemetry:
+  enabled: false
+concurrency:
+  pools:
+    default_limit: {gpu_slots}
+run_queue:
+  max_concurrent_runs: {max_runs}
+"""
+
+
+def hy3d_home() -> Path:
+    return Path(os.getenv("HY3D_HOME") or ".hy3d").absolute()
+
+
+def s3_configured() -> bool:
+    return bool(os.getenv("S3_IMAGES_BUCKET") or os.getenv("S3_ENDPOINT_URL"))
+
+
+def _credentials(home: Path) -> tuple[str, str]:
+    """Random keys made on first start and kept (0600), so the data folder stays readable across restarts."""
+    path = home / "embedded-credentials.json"
+    if path.exists():
+        data = json.loads(path.read_text())
+        return data["access_key"], data["secret_key"]
+    access, secret = "hy3d" + secrets.token_hex(8), secrets.token_urlsafe(24)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"access_key": access, "secret_key": secret}, f)
+    return access, secret
+
+
+def start_embedded_s3(home: Path | None = None) -> SeaweedS3:
+    """Start SeaweedFS, create the bucket and point this process's environment at it."""
+    home = home or hy3d_home()
+    access, secret = _credentials(home)
+    server = SeaweedS3(data_dir=home / "seaweedfs", access_key=access, secret_key=secret).start()
+    server.create_buckets(EMBEDDED_BUCKET)
+    os.environ.update(server.client_env())
+    os.environ["S3_IMAGES_BUCKET"] = EMBEDDED_BUCKET
+    os.environ.setdefault("HY3D_GENERATOR", "extrude")  # no weights on a laptop; never used in place of hunyuan3d
+    return server
+
+
+def upload_samples(storage) -> list[str]:
+    from hy3d_pipeline.embedded.samples import sample_images
+
+    keys = []
+    for name, data in sample_images().items():
+        key = storage.image_key(SAMPLES_PREFIX + name.removeprefix(SAMPLES_PREFIX))
+        ctype = {"png": "image/png", "jpg": "image/jpeg", "jpeg": "image/jpeg", "webp": "image/webp"}.get(
+            name.rsplit(".", 1)[-1].lower(), "application/octet-stream")
+        storage.upload(storage.images_bucket, key, data, content_type=ctype)  # same bytes, same ETag: no rework
+        keys.append(key)
+    return keys
+
+
+def prepare_dagster_home(home: Path | None = None) -> Path:
+    """DAGSTER_HOME for the embedded default, with the `gpu` pool limited to one slot."""
+    if os.getenv("DAGSTER_HOME"):
+        return Path(os.environ["DAGSTER_HOME"])
+    path = (home or hy3d_home()) / "dagster"
+    path.mkdir(parents=True, exist_ok=True)
+    config = path / "dagster.yaml"
+    if not config.exists():
+        config.write_text(DAGSTER_YAML.format(gpu_slots=int(os.getenv("HY3D_GPU_SLOTS", "1")), max_runs=4))
+    os.environ["DAGSTER_HOME"] = str(path)
+    return path

@@ -1,0 +1,1 @@
+"""Input images: recognising, refusing and normalising what lands in the bucket."""

@@ -1,0 +1,128 @@
+"""The generator interface.
+
+Every backend (the CPU `extrude` default, the real `hunyuan3d` model, whatever comes next) is one module in
+this package exposing `build(settings) -> Generator`. The pipeline, the seed API and the benchmarks only ever
+talk to this interface, so a new model is one new module and nothing else changes.
+
+Backends are expensive to build (a multi-gigabyte model for Hunyuan3D), so `load_generator` keeps one
+instance per process and settings: every partition a process handles reuses it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import json
+import threading
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:  # keep `import hy3d_pipeline` light: numpy/PIL/trimesh only when a backend runs
+    import numpy as np
+    import trimesh
+    from PIL import Image
+
+OUTPUT_FORMATS = ("glb", "obj", "ply", "stl")
+TEXTURE_MODES = ("none", "projected", "paint")
+
+
+class GenerationError(Exception):
+    """A generation failed for one image; the message names the image and the problem."""
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationSettings:
+    """Everything that decides what mesh comes out. Its `fingerprint` keys idempotence: a model that exists
+    for the same source ETag and fingerprint is never generated again."""
+
+    generator: str = "hunyuan3d"
+    output_format: str = "glb"
+    texture: str = "none"  # none | projected | paint (with_texture=True means paint)
+    model_path: str = "tencent/Hunyuan3D-2"
+    model_subfolder: str = "hunyuan3d-dit-v2-0"
+    device: str = "auto"
+    steps: int = 30
+    octree_resolution: int = 256
+    guidance_scale: float = 5.0
+    num_chunks: int = 8000
+    seed: int = 1234
+    max_faces: int = 40000
+    flashvdm: bool = False
+
+    def __post_init__(self) -> None:
+        if self.output_format not in OUTPUT_FORMATS:
+            raise ValueError(
+                f"output format {self.output_format!r} is not supported; use one of {', '.join(OUTPUT_FORMATS)}"
+            )
+        if self.texture not in TEXTURE_MODES:
+            raise ValueError(f"texture mode {self.texture!r} is not supported; use one of {', '.join(TEXTURE_MODES)}")
+
+    def fingerprint(self) -> str:
+        """Short stable hash of the settings that change the output (device does not)."""
+        data = {k: v for k, v in dataclasses.asdict(self).items() if k != "device"}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+    def seed_for(self, partition_key: str) -> int:
+        """Seed fixed by configuration and partition key, so a re-run reproduces the same mesh."""
+        digest = hashlib.sha256(f"{self.seed}:{partition_key}".encode()).digest()
+        return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
+
+
+@dataclasses.dataclass
+class PreparedImage:
+    """A verified, normalised input: RGBA 8-bit, EXIF orientation applied, with its foreground mask."""
+
+    name: str  # what error messages call this input (S3 URL or local path)
+    rgba: "Image.Image"
+    mask: "np.ndarray"  # bool, H x W, True on the foreground
+    foreground_method: str  # "alpha" | "uniform-background" | "rembg"
+
+
+class Generator(ABC):
+    """One backend. `generate` turns one prepared image into one mesh or scene, or raises GenerationError."""
+
+    name: ClassVar[str]
+
+    def __init__(self, settings: GenerationSettings) -> None:
+        self.settings = settings
+
+    @abstractmethod
+    def generate(self, image: PreparedImage, *, seed: int) -> "trimesh.Trimesh | trimesh.Scene":
+        """Generate a mesh for `image`. Must raise GenerationError (naming `image.name`) on failure."""
+
+    def describe(self) -> dict[str, Any]:
+        """Facts about the loaded backend for metadata (device, model path...)."""
+        return {"backend": self.name}
+
+
+def known_generators() -> tuple[str, ...]:
+    return ("extrude", "hunyuan3d")
+
+
+_cache: dict[tuple, Generator] = {}
+_lock = threading.Lock()
+load_count: dict[str, int] = {}  # how many times each backend was built in this process (tests, metrics)
+
+
+def _load_key(settings: GenerationSettings) -> tuple:
+    # output format and texture mode are applied after generation; they must not force a reload
+    return dataclasses.astuple(dataclasses.replace(settings, output_format="glb", texture="none"))
+
+
+def load_generator(settings: GenerationSettings) -> Generator:
+    """The warm generator for these settings: built on first use in this process, reused afterwards."""
+    if settings.generator not in known_generators():
+        raise GenerationError(
+            f"unknown generator {settings.generator!r} (HY3D_GENERATOR); use one of {', '.join(known_generators())}"
+        )
+    key = _load_key(settings)
+    with _lock:
+        gen = _cache.get(key)
+        if gen is None:
+            module = importlib.import_module(f"hy3d_pipeline.models.generators.{settings.generator}")
+            gen = module.build(settings)
+            load_count[settings.generator] = load_count.get(settings.generator, 0) + 1
+            _cache.clear()  # one warm model per process: a new configuration frees the old one
+            _cache[key] = gen
+        return gen

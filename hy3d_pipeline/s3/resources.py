@@ -1,0 +1,276 @@
+"""The S3 resource: which buckets hold images and models, and safe, verified transfers.
+
+Built on dagster-aws's `S3Resource`, so endpoint, region and profile settings are the familiar ones and the
+standard credential chain (env, profile, IAM role) applies. Credentials are never fields here: boto3 finds them,
+so they never reach run config, logs or metadata.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from dagster_aws.s3 import S3Resource
+from pydantic import Field
+
+from hy3d_pipeline.s3.errors import S3AccessError, translate
+
+_CHUNK = 1 << 20
+_clients: dict[tuple, Any] = {}
+_clients_lock = threading.Lock()
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    bucket: str
+    key: str
+    etag: str  # without quotes
+    size: int
+    last_modified: datetime | None = None
+    content_type: str | None = None
+
+    @property
+    def url(self) -> str:
+        return f"s3://{self.bucket}/{self.key}"
+
+
+def default_region() -> str:
+    return os.getenv("S3_REGION") or os.getenv("AWS_REGION") or os.getenv("AWS_DEFAULT_REGION") or "us-east-1"
+
+
+def default_temp_dir() -> str:
+    return os.getenv("S3_TEMP_DIR") or os.path.join(tempfile.gettempdir(), "hy3d-pipeline")
+
+
+def env_flag(name: str, default: bool) -> bool:
+    value = os.getenv(name)
+    if value is None or value.strip() == "":
+        return default
+    return value.strip().lower() in ("1", "true", "yes", "on")
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def safe_local_name(key: str, etag: str = "") -> str:
+    """A file name for `key` that can never leave its directory: one path component of safe characters,
+    prefixed by a hash of key and ETag so distinct keys (and versions) never collide."""
+    digest = hashlib.sha256(f"{key}\0{etag}".encode()).hexdigest()[:20]
+    tail = _UNSAFE.sub("_", key.rsplit("/", 1)[-1]).strip("._")[-80:]
+    return f"{digest}-{tail}" if tail else digest
+
+
+class ImageStorage(S3Resource):
+    """Where images come from and models go, plus download/upload with the pipeline's guarantees."""
+
+    images_bucket: str = Field(description="Bucket holding the source images (S3_IMAGES_BUCKET).")
+    images_prefix: str = Field(default="", description="Only keys under this prefix are images (S3_IMAGES_PREFIX).")
+    models_bucket: str = Field(default="", description="Bucket for generated models; empty means the images bucket.")
+    models_prefix: str = Field(default="models/", description="Key prefix for generated models (S3_MODELS_PREFIX).")
+    download_timeout: float = Field(default=60.0, description="Seconds allowed for one download (S3_DOWNLOAD_TIMEOUT).")
+    temp_dir: str = Field(default="", description="Where local copies live (S3_TEMP_DIR); empty: system temp dir.")
+    cleanup_temp_files: bool = Field(default=True, description="Delete local copies after processing.")
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> "ImageStorage":
+        """Configuration from the contract's environment variables, read when the code location loads."""
+        values: dict[str, Any] = dict(
+            images_bucket=os.getenv("S3_IMAGES_BUCKET", ""),
+            images_prefix=os.getenv("S3_IMAGES_PREFIX", ""),
+            models_bucket=os.getenv("S3_MODELS_BUCKET", ""),
+            models_prefix=os.getenv("S3_MODELS_PREFIX", "models/"),
+            region_name=default_region(),
+            endpoint_url=os.getenv("S3_ENDPOINT_URL") or None,
+            profile_name=os.getenv("AWS_PROFILE") or None,
+            download_timeout=float(os.getenv("S3_DOWNLOAD_TIMEOUT", "60") or 60),
+            temp_dir=default_temp_dir(),
+            cleanup_temp_files=env_flag("S3_CLEANUP_TEMP_FILES", True),
+        )
+        values.update(overrides)
+        return cls(**values)
+
+    # ---- locations -------------------------------------------------------------------------------------------
+    @property
+    def models_bucket_name(self) -> str:
+        return self.models_bucket or self.images_bucket
+
+    def image_key(self, relative_key: str) -> str:
+        return self.images_prefix + relative_key
+
+    def relative_key(self, key: str) -> str:
+        return key[len(self.images_prefix):] if key.startswith(self.images_prefix) else key
+
+    def is_model_key(self, bucket: str, key: str) -> bool:
+        """True for objects this pipeline wrote: never treat our own outputs as new images."""
+        return bucket == self.models_bucket_name and bool(self.models_prefix) and key.startswith(self.models_prefix)
+
+    def model_key(self, relative_key: str, output_format: str) -> str:
+        return f"{self.models_prefix}{relative_key}.{output_format}"
+
+    def local_dir(self) -> Path:
+        path = Path(self.temp_dir or default_temp_dir())
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def local_path(self, info: ObjectInfo) -> Path:
+        base = self.local_dir().resolve()
+        path = (base / safe_local_name(info.key, info.etag)).resolve()
+        if path.parent != base:  # belt and braces: safe_local_name already guarantees one component
+            raise S3AccessError(f"refusing local path outside {base} for {info.url}")
+        return path
+
+    # ---- client ----------------------------------------------------------------------------------------------
+    def client(self) -> Any:
+        """A boto3 client with the download timeout applied, shared per process (clients are thread-safe)."""
+        identity = "\0".join(os.getenv(v, "") for v in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"))
+        key = (self.region_name, self.endpoint_url, self.profile_name, self.download_timeout, self.max_attempts,
+               self.use_ssl, self.verify, hashlib.sha256(identity.encode()).hexdigest())
+        with _clients_lock:
+            client = _clients.get(key)
+            if client is None:
+                import boto3
+                from botocore.config import Config
+
+                session = boto3.session.Session(profile_name=self.profile_name, region_name=self.region_name)
+                timeout = max(1.0, float(self.download_timeout))
+                client = session.client(
+                    "s3",
+                    endpoint_url=self.endpoint_url,
+                    use_ssl=self.use_ssl,
+                    verify=self.verify,
+                    config=Config(
+                        connect_timeout=min(timeout, 10.0),
+                        read_timeout=timeout,
+                        retries={"max_attempts": self.max_attempts, "mode": "standard"},
+                        s3={"addressing_style": "path"} if self.endpoint_url else None,
+                        max_pool_connections=32,
+                    ),
+                )
+                _clients[key] = client
+            return client
+
+    def _fail(self, exc: BaseException, bucket: str, key: str | None) -> S3AccessError:
+        err = translate(exc, bucket, key, endpoint=self.endpoint_url)
+        if key is not None and err.code in ("NoSuchKey", "AccessDenied") and _bare_status(exc):
+            err = self._explain(bucket, key) or err
+        return err
+
+    def _explain(self, bucket: str, key: str) -> S3AccessError | None:
+        """HEAD errors have no body, so a missing bucket, a missing key and bad credentials all look alike;
+        a one-byte GET returns the real error code."""
+        try:
+            self.client().get_object(Bucket=bucket, Key=key, Range="bytes=0-0")
+        except Exception as exc:  # noqa: BLE001
+            return translate(exc, bucket, key, endpoint=self.endpoint_url)
+        return None
+
+    # ---- operations ------------------------------------------------------------------------------------------
+    def head(self, bucket: str, key: str) -> ObjectInfo:
+        try:
+            r = self.client().head_object(Bucket=bucket, Key=key)
+        except Exception as exc:  # noqa: BLE001
+            raise self._fail(exc, bucket, key) from exc
+        return ObjectInfo(bucket, key, r["ETag"].strip('"'), int(r["ContentLength"]), r.get("LastModified"),
+                          r.get("ContentType"))
+
+    def head_or_none(self, bucket: str, key: str) -> dict | None:
+        """Full HEAD response of an object that may not exist (models we may have written before)."""
+        try:
+            return self.client().head_object(Bucket=bucket, Key=key)
+        except Exception as exc:  # noqa: BLE001
+            err = self._fail(exc, bucket, key)
+            if err.code == "NoSuchKey":
+                return None
+            raise err from exc
+
+    def list_objects(self, bucket: str, prefix: str = "", start_after: str = "", page_size: int = 1000
+                     ) -> Iterator[list[ObjectInfo]]:
+        """Pages of objects under `prefix`, in key order, resuming after `start_after`."""
+        kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": page_size}
+        if start_after:
+            kwargs["StartAfter"] = start_after
+        client = self.client()
+        while True:
+            try:
+                page = client.list_objects_v2(**kwargs)
+            except Exception as exc:  # noqa: BLE001
+                raise translate(exc, bucket, None, endpoint=self.endpoint_url) from exc
+            yield [
+                ObjectInfo(bucket, o["Key"], o.get("ETag", "").strip('"'), int(o.get("Size", 0)), o.get("LastModified"))
+                for o in page.get("Contents", ())
+            ]
+            if not page.get("IsTruncated"):
+                return
+            kwargs["ContinuationToken"] = page["NextContinuationToken"]
+            kwargs.pop("StartAfter", None)
+
+    def download(self, info: ObjectInfo, dest: Path | None = None) -> Path:
+        """Fetch exactly the object version `info` describes into the local cache and return its path.
+
+        Written under a temporary name and renamed only when complete and checked (size, ETag), so a reader
+        never sees a partial file. A copy already cached for the same key and ETag is reused.
+        """
+        dest = dest or self.local_path(info)
+        if dest.exists() and dest.stat().st_size == info.size:
+            return dest
+        tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.part")
+        deadline = time.monotonic() + float(self.download_timeout)
+        try:
+            try:
+                resp = self.client().get_object(Bucket=info.bucket, Key=info.key, IfMatch=f'"{info.etag}"')
+                md5 = hashlib.md5(usedforsecurity=False)
+                size = 0
+                with open(tmp, "wb") as out:
+                    for chunk in resp["Body"].iter_chunks(_CHUNK):
+                        out.write(chunk)
+                        md5.update(chunk)
+                        size += len(chunk)
+                        if time.monotonic() > deadline:
+                            raise TimeoutError()
+            except Exception as exc:  # noqa: BLE001
+                if isinstance(exc, TimeoutError):
+                    raise S3AccessError(
+                        f"download of {info.url} took longer than S3_DOWNLOAD_TIMEOUT={self.download_timeout:g} s; "
+                        "raise it for large images or check the network", transient=True, code="Timeout") from exc
+                raise self._fail(exc, info.bucket, info.key) from exc
+            if size != info.size:
+                raise S3AccessError(f"download of {info.url} is incomplete: got {size} of {info.size} bytes",
+                                    transient=True, code="Incomplete")
+            plain_etag = re.fullmatch(r"[0-9a-f]{32}", info.etag) and resp.get("ServerSideEncryption") != "aws:kms"
+            if plain_etag and md5.hexdigest() != info.etag:
+                raise S3AccessError(f"download of {info.url} does not match its ETag {info.etag}: corrupted in transit",
+                                    transient=True, code="BadDigest")
+            os.replace(tmp, dest)
+            return dest
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def upload(self, bucket: str, key: str, data: bytes, *, content_type: str = "application/octet-stream",
+               metadata: dict[str, str] | None = None) -> str:
+        """Put `data`; returns the new ETag."""
+        try:
+            r = self.client().put_object(Bucket=bucket, Key=key, Body=data, ContentType=content_type,
+                                         Metadata=metadata or {})
+        except Exception as exc:  # noqa: BLE001
+            raise translate(exc, bucket, key, endpoint=self.endpoint_url) from exc
+        return r["ETag"].strip('"')
+
+    def discard_local(self, path: Path) -> None:
+        if self.cleanup_temp_files:
+            path.unlink(missing_ok=True)
+
+
+
+def _bare_status(exc: BaseException) -> bool:
+    code = str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
+    return code.isdigit()

@@ -1,0 +1,71 @@
+"""Shared fixtures: one real SeaweedFS S3 server for the session, a fresh bucket per test, a Dagster instance."""
+
+from __future__ import annotations
+
+import io
+import uuid
+
+import pytest
+
+from hy3d_pipeline.embedded.seaweedfs import SeaweedS3
+
+
+@pytest.fixture(scope="session")
+def seaweed(tmp_path_factory):
+    server = SeaweedS3(data_dir=tmp_path_factory.mktemp("seaweedfs") / "data").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(seaweed, monkeypatch, tmp_path):
+    """Environment of a deployment pointed at the test server, with a bucket of its own."""
+    bucket = f"t-{uuid.uuid4().hex[:16]}"
+    seaweed.create_buckets(bucket)
+    for name, value in seaweed.client_env().items():
+        monkeypatch.setenv(name, value)
+    for name in ("S3_IMAGES_PREFIX", "S3_MODELS_BUCKET", "S3_MODELS_PREFIX", "AWS_PROFILE", "AWS_SESSION_TOKEN",
+                 "HY3D_OUTPUT_FORMAT", "HY3D_TEXTURE", "DAGSTER_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("S3_IMAGES_BUCKET", bucket)
+    monkeypatch.setenv("S3_TEMP_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("HY3D_GENERATOR", "extrude")
+    monkeypatch.setenv("HY3D_OUTPUT_DIR", str(tmp_path / "out"))
+    return {"bucket": bucket, "tmp": tmp_path, "server": seaweed}
+
+
+@pytest.fixture
+def storage(s3_env):
+    from hy3d_pipeline.s3.resources import ImageStorage
+
+    return ImageStorage.from_env()
+
+
+@pytest.fixture
+def s3(storage):
+    """A plain boto3 client for arranging test data."""
+    return storage.client()
+
+
+@pytest.fixture
+def instance():
+    from dagster import instance_for_test
+
+    with instance_for_test() as inst:
+        yield inst
+
+
+def png_bytes(size=(96, 96), shape="disc", color=(200, 60, 40, 255)) -> bytes:
+    """A small RGBA PNG of one drawn object on a transparent background."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGBA", size, (0, 0, 0, 0))
+    draw = ImageDraw.Draw(img)
+    w, h = size
+    if shape == "disc":
+        draw.ellipse((w * 0.15, h * 0.15, w * 0.85, h * 0.85), fill=color)
+    else:
+        draw.rectangle((w * 0.2, h * 0.3, w * 0.8, h * 0.7), fill=color)
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
