@@ -15,7 +15,7 @@ from dagster import DagsterInstance, build_sensor_context, materialize
 from hy3d_pipeline.embedded import setup
 
 
-def execute_sensor_result(defs, instance, result) -> tuple[int, dict[str, str]]:
+def execute_sensor_result(defs, instance, result, log_level: str = "WARNING") -> tuple[int, dict[str, str]]:
     """Apply a sensor's result like the daemon: partitions first, then each run request, in-process.
     Returns (runs executed, failure message per partition key)."""
     from hy3d_pipeline.models.assets import image_to_model
@@ -27,6 +27,7 @@ def execute_sensor_result(defs, instance, result) -> tuple[int, dict[str, str]]:
         outcome = materialize(
             [image_to_model], instance=instance, resources=defs.resources, selection=request.asset_selection,
             partition_key=request.partition_key, tags=request.tags, raise_on_error=False,
+            run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
         )
         for event in outcome.get_step_failure_events():
             error = event.step_failure_data.user_failure_data
@@ -39,8 +40,19 @@ def execute_sensor_result(defs, instance, result) -> tuple[int, dict[str, str]]:
     return len(result.run_requests or []), failures
 
 
+def download_model(storage, model_key: str):
+    """A local copy of a model under HY3D_OUTPUT_DIR, so a laptop user can open it straight away."""
+    from hy3d_pipeline.core import output_dir
+
+    path = output_dir().absolute() / model_key
+    path.parent.mkdir(parents=True, exist_ok=True)
+    body = storage.client().get_object(Bucket=storage.models_bucket_name, Key=model_key)["Body"].read()
+    path.write_bytes(body)
+    return path
+
+
 def tick(defs, instance, cursor: str | None = None):
-    sensor_def = defs.get_sensor_def("new_images_sensor")
+    sensor_def = defs.resolve_sensor_def("new_images_sensor")
     context = build_sensor_context(instance=instance, resources=defs.resources, definitions=defs, cursor=cursor,
                                    instance_ref=instance.get_ref())
     return sensor_def.evaluate_tick(context)
@@ -73,7 +85,9 @@ def run_demo(out=print) -> int:
             model_key = storage.model_key(relative_key_for(key), settings.output_format)
             head = storage.head_or_none(storage.models_bucket_name, model_key)
             if head:
-                out(f"  {key} -> s3://{storage.models_bucket_name}/{model_key} ({head['ContentLength']} bytes)")
+                local = download_model(storage, model_key)
+                out(f"  {key} -> s3://{storage.models_bucket_name}/{model_key} ({head['ContentLength']} bytes), "
+                    f"copy at {local}")
             else:
                 failed += 1
                 out(f"  {key} -> FAILED: {failures.get(key, 'no model yet; see the Dagster run logs')}")

@@ -23,8 +23,8 @@ telemetry:
 concurrency:
   pools:
     default_limit: {gpu_slots}
-run_queue:
-  max_concurrent_runs: {max_runs}
+  runs:
+    max_concurrent_runs: {max_runs}
 """
 
 

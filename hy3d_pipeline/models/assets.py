@@ -66,20 +66,28 @@ def _source_metadata(info: ObjectInfo) -> dict[str, Any]:
 
 
 def _fetch(storage: ImageStorage, key: str, want_local: bool, want_verify: bool):
-    """Runs in a prefetch thread: HEAD, and the verified download when some selected asset needs it."""
-    info = storage.head(storage.images_bucket, storage.image_key(relative_key_for(key)))
-    path = verified = None
-    if want_local:
-        path = storage.download(info)
-        if want_verify:
-            from hy3d_pipeline.images.validation import verify_image
+    """Runs in a prefetch thread: HEAD, then the verified download when a selected asset needs it. A failure
+    after the HEAD is returned, not raised, so the object itself is still recorded as a source image."""
+    from hy3d_pipeline.models.processing import Timer
 
-            try:
-                verified = verify_image(path, info.url)
-            except Exception:
-                storage.discard_local(path)
-                raise
-    return info, path, verified
+    timer = Timer()
+    with timer.stage("head"):
+        info = storage.head(storage.images_bucket, storage.image_key(relative_key_for(key)))
+    path = verified = None
+    try:
+        if want_local:
+            with timer.stage("download"):
+                path = storage.download(info)
+            if want_verify:
+                from hy3d_pipeline.images.validation import verify_image
+
+                with timer.stage("verify"):
+                    verified = verify_image(path, info.url)
+    except Exception as exc:  # noqa: BLE001 - re-raised by the consumer, after the source is recorded
+        if path is not None:
+            storage.discard_local(path)
+        return info, None, None, timer, exc
+    return info, path, verified, timer, None
 
 
 @multi_asset(
@@ -93,7 +101,7 @@ def _fetch(storage: ImageStorage, key: str, want_local: bool, want_verify: bool)
 )
 def image_to_model(context: AssetExecutionContext, config: ModelsRunConfig, storage: ImageStorage,
                    generator: GeneratorResource):
-    from hy3d_pipeline.models.processing import Timer, process_object
+    from hy3d_pipeline.models.processing import process_object
 
     selected = context.selected_asset_keys
     settings = generator.settings(output_format=config.output_format, texture=config.texture)
@@ -114,17 +122,18 @@ def image_to_model(context: AssetExecutionContext, config: ModelsRunConfig, stor
             ahead(i)
             path = None
             try:
-                info, path, verified = futures.pop(key).result()
+                info, path, verified, timer, error = futures.pop(key).result()
                 if SOURCE in selected:
                     yield AssetMaterialization(asset_key=SOURCE, partition=key, metadata=_source_metadata(info),
                                                tags={DATA_VERSION_TAG: info.etag})
+                if error is not None:
+                    raise error
                 if LOCAL in selected:
                     yield AssetMaterialization(asset_key=LOCAL, partition=key, metadata={
                         "path": MetadataValue.path(str(path)), "host": host, "etag": info.etag, "size": info.size,
                         **(verified or {}),
                     })
                 if MODELS in selected:
-                    timer = Timer()
                     outcome = process_object(storage, info, key, settings, timer, local_path=path)
                     path = None  # process_object owns the local copy now
                     yield AssetMaterialization(asset_key=MODELS, partition=key, metadata={

@@ -1,0 +1,158 @@
+"""The three assets materialized in-process over several partitions, the way sensor runs execute them."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+import trimesh
+from dagster import AssetKey
+
+from hy3d_pipeline.definitions import build_defs
+from hy3d_pipeline.embedded.demo import execute_sensor_result, tick
+from hy3d_pipeline.models.processing import META_SETTINGS, META_SOURCE_ETAG
+from hy3d_pipeline_tests.conftest import png_bytes
+
+MODELS = AssetKey("models_3d")
+
+
+def materialized(instance, asset: str) -> set[str]:
+    return set(instance.get_materialized_partitions(AssetKey(asset)))
+
+
+def latest_metadata(instance, asset: str, partition: str) -> dict:
+    from dagster import AssetRecordsFilter
+
+    records = instance.fetch_materializations(
+        AssetRecordsFilter(asset_key=AssetKey(asset), asset_partitions=[partition]), limit=1
+    ).records
+    return {k: v.value for k, v in records[0].asset_materialization.metadata.items()}
+
+
+def run_sensor_once(instance):
+    defs = build_defs()
+    return execute_sensor_result(defs, instance, tick(defs, instance), log_level="ERROR")
+
+
+@pytest.fixture
+def bucket_with_batch(s3, storage):
+    b = storage.images_bucket
+    s3.put_object(Bucket=b, Key="good/disc.png", Body=png_bytes())
+    s3.put_object(Bucket=b, Key="good/box.PNG", Body=png_bytes(shape="box"))
+    s3.put_object(Bucket=b, Key="good/three.png", Body=png_bytes((120, 80)))
+    s3.put_object(Bucket=b, Key="bad/notes.png", Body=b"this is not an image at all")
+    s3.put_object(Bucket=b, Key="bad/truncated.png", Body=png_bytes()[:200])
+    return b
+
+
+def test_batch_with_broken_images(instance, storage, s3, bucket_with_batch, monkeypatch):
+    monkeypatch.setenv("HY3D_BATCH_SIZE", "10")
+    runs, failures = run_sensor_once(instance)
+    assert runs == 1  # one batch run covers all five
+    assert set(failures) == {"bad/notes.png", "bad/truncated.png"}
+    assert "s3://" in failures["bad/notes.png"] and "bad/notes.png" in failures["bad/notes.png"]
+    assert "truncated" in failures["bad/truncated.png"].lower() or "corrupt" in failures["bad/truncated.png"].lower()
+    good = {"good/disc.png", "good/box.PNG", "good/three.png"}
+    assert materialized(instance, "models_3d") == good
+    assert materialized(instance, "source_images") == good | set(failures)  # the objects exist, bad or not
+    for key in good:
+        head = s3.head_object(Bucket=bucket_with_batch, Key=f"models/{key}.glb")
+        assert head["Metadata"][META_SOURCE_ETAG] == s3.head_object(Bucket=bucket_with_batch, Key=key)["ETag"].strip('"')
+        body = s3.get_object(Bucket=bucket_with_batch, Key=f"models/{key}.glb")["Body"].read()
+        mesh = trimesh.load(io.BytesIO(body), file_type="glb", force="mesh")
+        assert mesh.is_watertight and len(mesh.faces) > 0
+    meta = latest_metadata(instance, "models_3d", "good/disc.png")
+    for field in ("backend", "vertices", "faces", "bounds", "watertight", "file_size", "model_url", "generate_s",
+                  "download_s", "upload_s"):
+        assert field in meta, field
+    assert meta["backend"] == "extrude" and meta["watertight"] is True
+    assert meta["model_url"] == f"s3://{bucket_with_batch}/models/good/disc.png.glb"
+    assert latest_metadata(instance, "source_images", "good/disc.png")["etag"]
+    assert list(Path(storage.temp_dir).iterdir()) == []  # nothing left behind, bad images included
+
+
+def test_rerun_skips_existing_and_overwrite_regenerates(instance, storage, s3, bucket_with_batch):
+    run_sensor_once(instance)
+    key = "good/disc.png"
+    first = s3.head_object(Bucket=bucket_with_batch, Key=f"models/{key}.glb")
+    # a re-executed range (e.g. a retried run) finds the model made from the same ETag and settings
+    from dagster import materialize
+
+    from hy3d_pipeline.models.assets import image_to_model
+
+    defs = build_defs()
+    result = materialize([image_to_model], instance=instance, resources=defs.resources, partition_key=key)
+    assert result.success
+    assert latest_metadata(instance, "models_3d", key)["skipped_existing"] is True
+    assert s3.head_object(Bucket=bucket_with_batch, Key=f"models/{key}.glb")["LastModified"] == first["LastModified"]
+    s3.put_object(Bucket=bucket_with_batch, Key=key, Body=png_bytes((64, 64), shape="box"))
+    runs, failures = run_sensor_once(instance)
+    assert runs == 1 and failures == {}
+    assert latest_metadata(instance, "models_3d", key)["skipped_existing"] is False
+    head = s3.head_object(Bucket=bucket_with_batch, Key=f"models/{key}.glb")
+    assert head["Metadata"][META_SOURCE_ETAG] == s3.head_object(Bucket=bucket_with_batch, Key=key)["ETag"].strip('"')
+
+
+def test_settings_change_regenerates(instance, storage, s3, bucket_with_batch, monkeypatch):
+    run_sensor_once(instance)
+    from dagster import materialize
+
+    from hy3d_pipeline.models.assets import image_to_model
+
+    monkeypatch.setenv("HY3D_SEED", "99")
+    defs = build_defs()
+    key = "good/box.PNG"
+    before = s3.head_object(Bucket=bucket_with_batch, Key=f"models/{key}.glb")["Metadata"][META_SETTINGS]
+    assert materialize([image_to_model], instance=instance, resources=defs.resources, partition_key=key,
+                       selection=[MODELS]).success
+    assert latest_metadata(instance, "models_3d", key)["skipped_existing"] is False
+    assert s3.head_object(Bucket=bucket_with_batch, Key=f"models/{key}.glb")["Metadata"][META_SETTINGS] != before
+
+
+def test_local_images_alone_keeps_verified_copy(instance, storage, s3, bucket_with_batch):
+    from dagster import materialize
+
+    from hy3d_pipeline.models.assets import image_to_model
+
+    defs = build_defs()
+    instance.add_dynamic_partitions("images", ["good/disc.png"])
+    result = materialize([image_to_model], instance=instance, resources=defs.resources, partition_key="good/disc.png",
+                         selection=[AssetKey("local_images")])
+    assert result.success
+    meta = latest_metadata(instance, "local_images", "good/disc.png")
+    assert meta["format"] == "PNG" and Path(meta["path"]).exists()
+    assert materialized(instance, "models_3d") == set()
+
+
+def test_output_format_run_config(instance, storage, s3, bucket_with_batch):
+    from dagster import materialize
+
+    from hy3d_pipeline.models.assets import image_to_model
+
+    defs = build_defs()
+    instance.add_dynamic_partitions("images", ["good/disc.png"])
+    result = materialize([image_to_model], instance=instance, resources=defs.resources, partition_key="good/disc.png",
+                         run_config={"ops": {"image_to_model": {"config": {"output_format": "stl"}}}})
+    assert result.success
+    body = s3.get_object(Bucket=bucket_with_batch, Key="models/good/disc.png.stl")["Body"].read()
+    assert trimesh.load(io.BytesIO(body), file_type="stl").is_watertight
+
+
+def test_generator_loaded_once_per_batch(instance, storage, s3, bucket_with_batch):
+    from hy3d_pipeline.models.generators import base
+
+    before = dict(base.load_count)
+    base._cache.clear()
+    run_sensor_once(instance)
+    assert base.load_count.get("extrude", 0) - before.get("extrude", 0) == 1
+
+
+def test_hunyuan_without_weights_fails_clearly(instance, storage, s3, monkeypatch, tmp_path):
+    """Asking for the real model without weights is an error, never a silent fallback to extrude."""
+    monkeypatch.setenv("HY3D_GENERATOR", "hunyuan3d")
+    monkeypatch.setenv("HY3DGEN_MODELS", str(tmp_path / "no-weights"))
+    s3.put_object(Bucket=storage.images_bucket, Key="x.png", Body=png_bytes())
+    runs, failures = run_sensor_once(instance)
+    assert "no-weights" in failures["x.png"]
+    assert materialized(instance, "models_3d") == set()
