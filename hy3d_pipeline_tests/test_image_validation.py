@@ -42,11 +42,14 @@ def on_white():
     return disc_on((255, 255, 255), mode="RGB")
 
 
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
 def png_header_claiming(width, height):
-    """A PNG that is only a header: the dimensions say whatever we like, no pixels follow."""
-    body = b"IHDR" + struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    chunk = struct.pack(">I", 13) + body + struct.pack(">I", zlib.crc32(body))
-    return b"\x89PNG\r\n\x1a\n" + chunk
+    """A few hundred bytes of PNG whose header claims any dimensions: the pixels would never fit in memory."""
+    header = png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+    return b"\x89PNG\r\n\x1a\n" + header + png_chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + png_chunk(b"IEND", b"")
 
 
 def rejection(path, name="input", **kwargs):
@@ -167,13 +170,22 @@ def test_pixel_limit_from_argument_and_environment(tmp_path, on_white, monkeypat
     assert verify_image(path, "small.png", max_pixels=20_000)["width"] == 160
 
 
-def test_pillow_bomb_warning_follows_a_raised_limit(tmp_path, monkeypatch):
-    # a header-only PNG over Pillow's 89 MP warning threshold: with a deliberately higher limit it is
-    # decoded (and found truncated) instead of refused as a bomb
-    path = tmp_path / "big.png"
-    path.write_bytes(png_header_claiming(10000, 10000))
-    monkeypatch.setenv("HY3D_MAX_IMAGE_PIXELS", str(150_000_000))
-    assert "truncated or corrupt" in rejection(path, "big.png")
+def test_pillow_bomb_warning_yields_to_a_deliberately_higher_limit(tmp_path, on_white, monkeypatch):
+    # Pillow's thresholds are lowered so a small image sits between its warning (1x) and error (2x) levels
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 12_000)
+    path = save(on_white, tmp_path / "w.png")  # 19200 pixels
+    assert "decompression bomb" in rejection(path, "w.png", max_pixels=10_000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        assert prepare_image(path, "w.png", max_pixels=50_000).rgba.size == (160, 120)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 9_000)  # now past Pillow's hard error
+    assert "decompression bomb" in rejection(path, "w.png", max_pixels=50_000)
+
+
+def test_png_cut_inside_its_header_is_called_truncated(tmp_path):
+    path = tmp_path / "stub.png"
+    path.write_bytes(png_header_claiming(100, 100)[:30])
+    assert "truncated or corrupt PNG" in rejection(path, "stub.png")
 
 
 def test_fully_transparent_png_has_no_foreground(tmp_path):
@@ -197,9 +209,10 @@ def test_busy_background_needs_background_removal(tmp_path):
 
 
 def test_exif_orientation_is_applied(tmp_path):
-    # stored landscape 200x100 with a red block top-left; orientation 6 means "rotate 90 degrees clockwise"
+    # stored landscape 200x100 with a red block near the top-left; orientation 6 means "rotate 90 degrees
+    # clockwise to display", which carries the block to the top-right
     stored = Image.new("RGB", (200, 100), (255, 255, 255))
-    ImageDraw.Draw(stored).rectangle((0, 0, 59, 39), fill=(220, 0, 0))
+    ImageDraw.Draw(stored).rectangle((10, 10, 59, 39), fill=(220, 0, 0))
     exif = Image.Exif()
     exif[0x0112] = 6
     path = save(stored, tmp_path / "phone.jpg", "JPEG", exif=exif.tobytes(), quality=95)
@@ -207,9 +220,9 @@ def test_exif_orientation_is_applied(tmp_path):
     prepared = prepare_image(path, "phone.jpg")
     assert prepared.rgba.size == (100, 200)
     pixels = np.asarray(prepared.rgba)
-    assert tuple(pixels[10, 90, :3])[0] > 180 and pixels[10, 90, 1] < 60  # now top-right
-    assert pixels[10, 10, 0] > 200 and pixels[10, 10, 1] > 200  # top-left is background
-    assert prepared.mask[10, 90] and not prepared.mask[150, 50]
+    assert pixels[30, 75, 0] > 180 and pixels[30, 75, 1] < 60
+    assert pixels[30, 25, 0] > 200 and pixels[30, 25, 1] > 200  # the top-left is background now
+    assert prepared.mask[30, 75] and not prepared.mask[30, 25] and not prepared.mask[150, 50]
 
 
 def test_cmyk_jpeg_and_tiff(tmp_path, on_white):
@@ -261,7 +274,8 @@ def test_palette_with_and_without_transparency(tmp_path, cutout, on_white):
 @pytest.mark.parametrize("mode, method", [("L", "uniform-background"), ("LA", "alpha"), ("1", "uniform-background")])
 def test_grayscale_modes(tmp_path, cutout, on_white, mode, method):
     source = cutout if mode == "LA" else on_white
-    path = save(source.convert(mode), tmp_path / f"{mode}.png")
+    converted = source.convert(mode, dither=Image.Dither.NONE) if mode == "1" else source.convert(mode)
+    path = save(converted, tmp_path / f"{mode}.png")
     assert verify_image(path, "g")["mode"] == mode
     prepared = prepare_image(path, "g")
     assert prepared.rgba.mode == "RGBA" and prepared.foreground_method == method
@@ -276,7 +290,7 @@ def test_premultiplied_modes_become_rgba(cutout):
 
 
 def test_large_images_are_reduced_for_generation(tmp_path):
-    big = disc_on((255, 255, 255), size=(1600, 400), mode="RGB").resize((1600, 400))
+    big = disc_on((255, 255, 255), size=(1600, 400), mode="RGB")
     path = save(big, tmp_path / "wide.png")
     assert prepare_image(path, "wide.png").rgba.size == (1024, 256)
     assert prepare_image(path, "wide.png", max_side=400).rgba.size == (400, 100)

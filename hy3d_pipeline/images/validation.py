@@ -177,6 +177,9 @@ def _open_header(path: str | os.PathLike, name: str, limit: int) -> Image.Image:
         try:
             return Image.open(path)
         except UnidentifiedImageError:
+            damaged = _accepted_signature(path)
+            if damaged:
+                raise ImageRejected(name, f"truncated or corrupt {damaged} image: its header cannot be read") from None
             raise ImageRejected(name, f"not a supported image: content looks like {_sniff(path)}") from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise ImageRejected(name, f"decompression bomb refused: {exc}") from None
@@ -186,6 +189,25 @@ def _open_header(path: str | os.PathLike, name: str, limit: int) -> Image.Image:
 
 def _facts(image: Image.Image) -> dict[str, Any]:
     return {"format": image.format, "width": image.width, "height": image.height, "mode": image.mode}
+
+
+def _accepted_signature(path: str | os.PathLike) -> str | None:
+    """The accepted format a file claims by its magic bytes, when Pillow could not even read its header."""
+    with open(path, "rb") as handle:
+        head = handle.read(16)
+    signatures = {
+        b"\x89PNG\r\n\x1a\n": "PNG",
+        b"\xff\xd8\xff": "JPEG",
+        b"II*\x00": "TIFF",
+        b"MM\x00*": "TIFF",
+        b"BM": "BMP",
+    }
+    for magic, fmt in signatures.items():
+        if head.startswith(magic):
+            return fmt
+    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
+        return "WEBP"
+    return None
 
 
 def _sniff(path: str | os.PathLike) -> str:

@@ -102,7 +102,8 @@ def front_silhouette(mesh: trimesh.Trimesh | trimesh.Scene, size: tuple[int, int
     rows = (high[1] - xy[:, 1]) / span[1] * height - 0.5
     corners = np.stack([cols, rows], axis=1)[np.asarray(mesh.faces)]
     # walls and other edge-on faces project to slivers that would only fatten the outline
-    doubled_area = np.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0])
+    ab, ac = corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0]
+    doubled_area = ab[:, 0] * ac[:, 1] - ab[:, 1] * ac[:, 0]
     draw = ImageDraw.Draw(canvas)
     for triangle in corners[np.abs(doubled_area) > 1e-9]:
         draw.polygon([tuple(p) for p in triangle], fill=1)

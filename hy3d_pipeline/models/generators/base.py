@@ -125,4 +125,5 @@ def load_generator(settings: GenerationSettings) -> Generator:
             load_count[settings.generator] = load_count.get(settings.generator, 0) + 1
             _cache.clear()  # one warm model per process: a new configuration frees the old one
             _cache[key] = gen
+        gen.settings = settings  # same loaded model; this call's output format and texture mode
         return gen

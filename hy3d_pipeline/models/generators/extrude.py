@@ -52,7 +52,7 @@ class ExtrudeGenerator(Generator):
             visual=trimesh.visual.TextureVisuals(uv=uv, material=material),
             process=False,
         )
-        if not (mesh.is_watertight and mesh.is_volume):
+        if not _is_closed_solid(mesh):
             raise GenerationError(f"{image.name}: the extruded outline is not a closed solid")
         return mesh
 
@@ -92,46 +92,70 @@ def _outline_polygons(grid: np.ndarray) -> list[Polygon]:
 def _extrude(outlines: list[Polygon], grid_shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Caps and walls sharing one vertex per outline point, so the slab is closed without any merging."""
     height_px, width_px = grid_shape
-    fronts, backs, walls, points = [], [], [], []
+    faces, points = [], []
     offset = 0
     for polygon in outlines:
         rings = [np.asarray(polygon.exterior.coords)[:-1]]
         rings += [np.asarray(r.coords)[:-1] for r in polygon.interiors]
         ring_points = np.vstack(rings)
         count = len(ring_points)
-        cap = triangulate_float64(ring_points, np.cumsum([len(r) for r in rings]).astype(np.uint32))
-        cap = np.asarray(cap, dtype=np.int64).reshape(-1, 3)
-        if _signed_area(ring_points, cap) < 0:
-            cap = cap[:, ::-1]
-        fronts.append(cap + offset)
-        backs.append(cap[:, ::-1] + offset + count)
-        start = 0
-        for ring in rings:
-            # after orient(), the material lies left of every ring edge, so (dy, -dx) points outwards
-            a = np.arange(start, start + len(ring))
-            b = np.roll(a, -1)
-            af, bf, ab, bb = a + offset, b + offset, a + offset + count, b + offset + count
-            walls.append(np.column_stack([ab, bb, bf]))
-            walls.append(np.column_stack([ab, bf, af]))
-            start += len(ring)
+        cap = _triangulate(polygon, rings, ring_points)
+        # Walls follow the cap's own boundary rather than the rings: earcut drops collinear ring points, and a
+        # wall through a point the cap skipped would leave a crack.
+        a, b = _boundary_edges(cap)  # counter-clockwise seen from the front: material on the left
+        af, bf, ab, bb = a + offset, b + offset, a + offset + count, b + offset + count
+        faces += [cap + offset, cap[:, ::-1] + offset + count]
+        faces += [np.column_stack([ab, bb, bf]), np.column_stack([ab, bf, af])]  # outward normal (dy, -dx)
         points.append(ring_points)
         offset += 2 * count
 
+    faces = np.vstack(faces)
     xy = np.vstack([np.vstack([p, p]) for p in points])
     z = np.concatenate([np.repeat([DEPTH / 2, -DEPTH / 2], len(p)) for p in points])
+    used, faces = np.unique(faces, return_inverse=True)
+    faces = faces.reshape(-1, 3)
+    xy, z = xy[used], z[used]
     # planar projection: UV depends on x, y only, so every copy of a position carries the same UV
     uv = np.column_stack([xy[:, 0] / width_px, 1.0 + xy[:, 1] / height_px])
 
     low, high = xy.min(axis=0), xy.max(axis=0)
     scale = 1.0 / max(float((high - low).max()), 1e-9)
     positions = np.column_stack([(xy - (low + high) / 2) * scale, z])
-    faces = np.vstack(fronts + backs + walls)
     return positions, uv, faces
 
 
-def _signed_area(points: np.ndarray, triangles: np.ndarray) -> float:
-    a, b, c = points[triangles[:, 0]], points[triangles[:, 1]], points[triangles[:, 2]]
-    return float(np.sum((b[:, 0] - a[:, 0]) * (c[:, 1] - a[:, 1]) - (b[:, 1] - a[:, 1]) * (c[:, 0] - a[:, 0])))
+def _boundary_edges(triangles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Directed edges used by exactly one triangle: the outline as the triangulation actually has it."""
+    edges = np.concatenate([triangles[:, [0, 1]], triangles[:, [1, 2]], triangles[:, [2, 0]]])
+    _, inverse, counts = np.unique(np.sort(edges, axis=1), axis=0, return_inverse=True, return_counts=True)
+    once = edges[counts[inverse.ravel()] == 1]
+    return once[:, 0], once[:, 1]
+
+
+def _is_closed_solid(mesh: trimesh.Trimesh) -> bool:
+    # judged with coincident positions welded, as any loader or slicer may do: a corner shared by two parts
+    # looks fine on the unwelded mesh and breaks the moment it is welded
+    welded = mesh.copy()
+    welded.merge_vertices(merge_tex=True, merge_norm=True)
+    return bool(welded.is_watertight and welded.is_volume)
+
+
+def _triangulate(polygon: Polygon, rings: list[np.ndarray], points: np.ndarray) -> np.ndarray:
+    """Cap triangles as indices into `points`, each counter-clockwise seen from the front."""
+    if hasattr(shapely, "constrained_delaunay_triangles"):  # shapely >= 2.1
+        # GEOS adds no points, so every corner maps back to an outline point. Preferred over earcut, whose
+        # hole bridges run through other outline points when many of them share a row, as pixel outlines do.
+        index = {point: i for i, point in enumerate(map(tuple, points))}
+        triangles = shapely.get_parts(shapely.constrained_delaunay_triangles(polygon))
+        corners = shapely.get_coordinates(triangles).reshape(-1, 4, 2)[:, :3]
+        cap = np.array([index[tuple(c)] for c in corners.reshape(-1, 2)], dtype=np.int64).reshape(-1, 3)
+    else:
+        ends = np.cumsum([len(r) for r in rings]).astype(np.uint32)
+        cap = np.asarray(triangulate_float64(points, ends), dtype=np.int64).reshape(-1, 3)
+    a, b, c = points[cap[:, 0]], points[cap[:, 1]], points[cap[:, 2]]
+    clockwise = (b[:, 0] - a[:, 0]) * (c[:, 1] - a[:, 1]) - (b[:, 1] - a[:, 1]) * (c[:, 0] - a[:, 0]) < 0
+    cap[clockwise] = cap[clockwise][:, ::-1]
+    return cap
 
 
 def _texture(image: PreparedImage) -> Image.Image:

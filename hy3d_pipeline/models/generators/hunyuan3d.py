@@ -30,7 +30,6 @@ from hy3d_pipeline.models.generators.base import (
 )
 
 if TYPE_CHECKING:
-    import numpy as np
     import trimesh
 
 log = logging.getLogger(__name__)
@@ -104,7 +103,9 @@ def _read_config(config_path: Path) -> dict:
         config = yaml.safe_load(config_path.read_text())
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise GenerationError(f"Hunyuan3D config {config_path} is unreadable ({exc}); {FETCH_HINT}") from exc
-    missing = [s for s in CONFIG_SECTIONS if not isinstance(config, dict) or "target" not in (config.get(s) or {})]
+    missing = [
+        s for s in CONFIG_SECTIONS if not (isinstance(config, dict) and isinstance(config.get(s), dict) and "target" in config[s])
+    ]
     if missing:
         raise GenerationError(
             f"Hunyuan3D config {config_path} lacks a `target:` for {', '.join(missing)}; "
@@ -151,10 +152,13 @@ def paint_missing(model_path: str) -> list[str]:
         )
     if importlib.util.find_spec("xatlas") is None:
         missing.append("the `xatlas` package (UV unwrapping)")
-    for sub in PAINT_SUBFOLDERS:
-        folder = Path(os.path.expanduser(os.path.join(models_root(), model_path, sub)))
-        if not (folder / "model_index.json").is_file():
-            missing.append(f"paint weights {folder} (no model_index.json; {FETCH_HINT})")
+    absent = [
+        str(folder)
+        for folder in (Path(os.path.expanduser(os.path.join(models_root(), model_path, sub))) for sub in PAINT_SUBFOLDERS)
+        if not (folder / "model_index.json").is_file()  # both are diffusers pipelines
+    ]
+    if absent:
+        missing.append(f"the paint weights {' and '.join(absent)} ({FETCH_HINT})")
     return missing
 
 
@@ -324,18 +328,19 @@ class Hunyuan3DGenerator(Generator):
         }
 
     def generate(self, image: PreparedImage, *, seed: int, texture: str | None = None) -> "trimesh.Trimesh":
-        """Mesh for `image`. `texture` overrides settings.texture: `load_generator` shares one instance across
-        settings that differ only in texture mode, so the caller's mode must be able to win."""
-        mode = self.settings.texture if texture is None else texture
+        """Mesh for `image`. `texture` overrides settings.texture (by default the mode of the settings that
+        `load_generator` last handed this shared instance)."""
+        settings = self.settings  # one snapshot: load_generator may swap settings while this call runs
+        mode = settings.texture if texture is None else texture
         if mode == "paint":
             # before the shape is generated: a machine that cannot paint should fail in seconds, not minutes
-            missing = paint_missing(self.settings.model_path)
+            missing = paint_missing(settings.model_path)
             if missing:
                 raise GenerationError(f"{image.name}: texture=paint is not possible here; missing: {'; '.join(missing)}")
         cond = conditioning_image(image)
         with self._lock:
-            mesh, resolution = self._shape(cond, image.name, seed)
-            mesh = postprocess(mesh, max_faces=self.settings.max_faces, name=image.name)
+            mesh, resolution = self._shape(settings, cond, image.name, seed)
+            mesh = postprocess(mesh, max_faces=settings.max_faces, name=image.name)
             mesh.metadata["octree_resolution"] = resolution
             mesh.metadata["seed"] = seed
             return self.texture_mesh(mesh, image, mode)
@@ -349,31 +354,29 @@ class Hunyuan3DGenerator(Generator):
             return self._paint_mesh(mesh, image)
         raise GenerationError(f"{image.name}: unknown texture mode {mode!r}")
 
-    def _call_pipeline(self, cond, seed: int, resolution: int):
+    def _call_pipeline(self, settings: GenerationSettings, cond, seed: int, resolution: int):
         import torch
 
         generator = torch.Generator(device=self.device).manual_seed(seed)
         return self.pipeline(
             image=cond,
-            num_inference_steps=self.settings.steps,
+            num_inference_steps=settings.steps,
             octree_resolution=resolution,
-            guidance_scale=self.settings.guidance_scale,
-            num_chunks=self.settings.num_chunks,
+            guidance_scale=settings.guidance_scale,
+            num_chunks=settings.num_chunks,
             generator=generator,
             output_type="trimesh",
             enable_pbar=False,
         )
 
-    def _shape(self, cond, name: str, seed: int) -> tuple["trimesh.Trimesh", int]:
+    def _shape(self, settings: GenerationSettings, cond, name: str, seed: int) -> tuple["trimesh.Trimesh", int]:
         import torch
 
-        resolution = self.settings.octree_resolution
+        resolution = settings.octree_resolution
         outputs = None
         oom = False
         try:
-            outputs = self._call_pipeline(cond, seed, resolution)
-        except GenerationError:
-            raise
+            outputs = self._call_pipeline(settings, cond, seed, resolution)
         except Exception as exc:
             if not _is_oom(exc):
                 raise GenerationError(f"{name}: Hunyuan3D generation failed: {type(exc).__name__}: {exc}") from exc
@@ -389,7 +392,7 @@ class Hunyuan3DGenerator(Generator):
                 )
             log.warning("%s: CUDA out of memory at octree resolution %d; retrying once at %d", name, resolution, lower)
             try:
-                outputs = self._call_pipeline(cond, seed, lower)
+                outputs = self._call_pipeline(settings, cond, seed, lower)
             except Exception as exc:
                 again = _is_oom(exc)
                 err = GenerationError(
@@ -449,7 +452,13 @@ def build(settings: GenerationSettings) -> Hunyuan3DGenerator:
             raise GenerationError(f"texture=paint is not possible here; missing: {'; '.join(missing)}")
     turbo = TURBO_VAES.get(settings.model_path.rstrip("/").split("/")[-1]) if settings.flashvdm else None
     if turbo is not None:
-        check_local_model(*turbo, what="FlashVDM turbo VAE")
+        # hy3dgen loads it with the pipeline's use_safetensors and its own fixed variant "fp16"
+        turbo_weights = local_model_dir(*turbo) / f"model.fp16.{'safetensors' if use_safetensors else 'ckpt'}"
+        if not (turbo_weights.is_file() and (turbo_weights.parent / "config.yaml").is_file()):
+            raise GenerationError(
+                f"flashvdm needs the turbo VAE {turbo[0]}/{turbo[1]}, but {turbo_weights} or the config.yaml next "
+                f"to it is missing; {FETCH_HINT}"
+            )
 
     try:
         import torch
