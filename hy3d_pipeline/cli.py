@@ -1,4 +1,4 @@
-"""The `hy3d-pipeline` command: `demo`, `dev`, and `generate` for one image."""
+"""The `hy3d-pipeline` command: `demo`, `dev`, `generate` for one image, and `fetch-weights`."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("image")
     gen.add_argument("--format", default="glb", choices=["glb", "obj", "ply", "stl"])
     gen.add_argument("--texture", action="store_true")
+    fetch = sub.add_parser("fetch-weights", help="download the configured Hunyuan3D weights into HY3DGEN_MODELS")
+    fetch.add_argument("--no-rembg", action="store_true", help="skip the background-removal model")
     args = parser.parse_args(argv)
 
     if args.command == "demo":
@@ -34,6 +36,16 @@ def main(argv: list[str] | None = None) -> int:
         result = generate_3d_from_image_core(args.image, with_texture=args.texture, output_format=args.format)
         print(json.dumps(result, indent=2))
         return 0 if result["status"] == "success" else 1
+    if args.command == "fetch-weights":
+        from hy3d_pipeline.models.resources import GeneratorResource
+        from hy3d_pipeline.models.weights import WeightsError, fetch_weights
+
+        try:
+            fetch_weights(GeneratorResource.from_env().settings(), rembg=not args.no_rembg)
+        except WeightsError as exc:
+            print(f"fetch-weights failed: {exc}", file=sys.stderr)
+            return 1
+        return 0
     return 2
 
 

@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import shapely
 import trimesh
 from PIL import Image, ImageDraw
 
@@ -105,6 +106,11 @@ def test_hole_is_kept(generator):
     assert not front_silhouette(loaded, (64, 64))[32, 32]
 
 
+def test_earcut_fallback_for_shapely_without_constrained_delaunay(generator, monkeypatch):
+    monkeypatch.delattr(shapely, "constrained_delaunay_triangles")
+    assert_closed_solid(generator.generate(from_mask(ring_mask(), "ring.png"), seed=0))
+
+
 def test_separate_parts_are_separate_bodies(generator, prepared_samples):
     mesh = generator.generate(prepared_samples["samples/cherries.png"], seed=0)
     assert len(mesh.split(only_watertight=True)) == 2
@@ -144,7 +150,8 @@ def test_orientation_and_size(generator):
 
 def test_deterministic(generator, prepared_samples):
     image = prepared_samples["samples/teapot.jpg"]
-    first, second = generator.generate(image, seed=1), build(GenerationSettings(generator="extrude")).generate(image, seed=2)
+    first = generator.generate(image, seed=1)
+    second = build(GenerationSettings(generator="extrude")).generate(image, seed=2)
     assert np.array_equal(first.vertices, second.vertices)
     assert np.array_equal(first.faces, second.faces)
     assert export_model(first, "glb", "m") == export_model(second, "glb", "m")
@@ -199,6 +206,12 @@ def test_obj_comes_with_its_material_and_texture(mug, tmp_path):
         (tmp_path / name).write_bytes(data)
     loaded = trimesh.load(tmp_path / "mug-01.obj", force="mesh")
     assert isinstance(loaded.visual.material.image, Image.Image)
+
+    spaced = dict(export_model(mug, "obj", "my mug"))
+    assert list(spaced) == ["my mug.obj", "my_mug.mtl", "my_mug.png"]  # references must not contain spaces
+    assert b"mtllib my_mug.mtl" in spaced["my mug.obj"]
+    plain = export_model(trimesh.creation.box(), "obj", "box")
+    assert [name for name, _ in plain] == ["box.obj"]
 
 
 def test_ply_carries_colours_and_stl_geometry_only(mug):

@@ -107,6 +107,14 @@ def test_alpha_cutout_gives_alpha_mask(tmp_path, cutout):
     assert prepared.mask.sum() == (np.asarray(cutout)[..., 3] > 127).sum()
 
 
+def test_nearly_opaque_alpha_is_not_a_cutout(tmp_path, on_white):
+    image = on_white.convert("RGBA")
+    image.putalpha(254)
+    prepared = prepare_image(save(image, tmp_path / "a254.png"), "a254.png")
+    assert prepared.foreground_method == "uniform-background"
+    assert 0.2 < prepared.mask.mean() < 0.4
+
+
 # --- refused ------------------------------------------------------------------------------------------------
 
 
@@ -256,7 +264,7 @@ def test_float_and_32_bit_modes_are_scaled():
     assert np.asarray(to_rgba8(wide))[0, :, 0].tolist() == [0, 128, 255]
 
 
-def test_palette_with_and_without_transparency(tmp_path, cutout, on_white):
+def test_palette_with_and_without_transparency(tmp_path, on_white):
     opaque = save(on_white.convert("P", palette=Image.Palette.ADAPTIVE), tmp_path / "p.png")
     assert prepare_image(opaque, "p.png").foreground_method == "uniform-background"
 

@@ -156,3 +156,27 @@ def test_hunyuan_without_weights_fails_clearly(instance, storage, s3, monkeypatc
     runs, failures = run_sensor_once(instance)
     assert "no-weights" in failures["x.png"]
     assert materialized(instance, "models_3d") == set()
+
+
+def test_hunyuan_batch_through_assets_loads_model_once(instance, storage, s3, monkeypatch, tmp_path):
+    """The real hy3dgen code path (tiny random model built by the test) through the Dagster assets: one load
+    for a batch of three partitions, a non-empty mesh for each."""
+    from hy3d_pipeline.models.generators import base
+    from hy3d_pipeline_tests.tiny_hunyuan import build_tiny_model
+
+    build_tiny_model(tmp_path / "models", model_path="tiny/Hunyuan3D-tiny", subfolder="hunyuan3d-dit-v2-0")
+    for name, value in {"HY3DGEN_MODELS": str(tmp_path / "models"), "HY3D_GENERATOR": "hunyuan3d",
+                        "HY3D_MODEL_PATH": "tiny/Hunyuan3D-tiny", "HY3D_MODEL_SUBFOLDER": "hunyuan3d-dit-v2-0",
+                        "HY3D_OCTREE_RESOLUTION": "64", "HY3D_STEPS": "2", "HY3D_DEVICE": "cpu",
+                        "HY3D_BATCH_SIZE": "8"}.items():
+        monkeypatch.setenv(name, value)
+    for i in range(3):
+        s3.put_object(Bucket=storage.images_bucket, Key=f"h/{i}.png", Body=png_bytes((64 + 8 * i, 64)))
+    base._cache.clear()
+    before = base.load_count.get("hunyuan3d", 0)
+    runs, failures = run_sensor_once(instance)
+    assert (runs, failures) == (1, {})
+    assert base.load_count["hunyuan3d"] - before == 1
+    for i in range(3):
+        meta = latest_metadata(instance, "models_3d", f"h/{i}.png")
+        assert meta["backend"] == "hunyuan3d" and meta["faces"] > 0

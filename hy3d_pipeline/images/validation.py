@@ -52,7 +52,12 @@ def resolve_max_pixels(max_pixels: int | None = None) -> int:
     if max_pixels is not None:
         return int(max_pixels)
     env = os.environ.get("HY3D_MAX_IMAGE_PIXELS", "").strip()
-    return int(env) if env else DEFAULT_MAX_PIXELS
+    if not env:
+        return DEFAULT_MAX_PIXELS
+    try:
+        return int(env)
+    except ValueError:
+        raise ValueError(f"HY3D_MAX_IMAGE_PIXELS must be a whole number of pixels, not {env!r}") from None
 
 
 def verify_image(path: str | os.PathLike, name: str, *, max_pixels: int | None = None) -> dict[str, Any]:
@@ -78,7 +83,9 @@ def prepare_image(
 
     pixels = np.asarray(rgba)
     alpha = pixels[..., 3]
-    if (alpha < 255).any():
+    # An alpha channel is a cut-out only if it makes something transparent; one that is merely not quite
+    # opaque everywhere (some exporters write 254) says nothing about where the object is.
+    if (alpha <= 127).any():
         mask, method = alpha > 127, "alpha"
     else:
         mask = _mask_from_plain_background(pixels[..., :3])
@@ -105,8 +112,6 @@ def to_rgba8(image: Image.Image) -> Image.Image:
         return Image.fromarray(_scale_to_8bit(np.asarray(image), mode), "L").convert("RGBA")
     if mode == "La":  # Pillow has no direct La -> RGBA path
         image = image.convert("LA")
-    elif mode == "P" and "transparency" not in image.info:
-        image = image.convert("RGB")
     return image.convert("RGBA")
 
 
@@ -130,7 +135,7 @@ def _scale_to_8bit(values: np.ndarray, mode: str) -> np.ndarray:
 def _upright(image: Image.Image) -> Image.Image:
     try:
         return ImageOps.exif_transpose(image)
-    except (OSError, ValueError, SyntaxError, KeyError, TypeError):
+    except Exception:  # noqa: BLE001
         # unreadable EXIF should not cost the whole image; it is shown as stored
         return image
 

@@ -8,6 +8,7 @@ renderer.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import numpy as np
@@ -41,17 +42,17 @@ def as_mesh(mesh: trimesh.Trimesh | trimesh.Scene) -> trimesh.Trimesh:
 
 
 def _export_obj(mesh: trimesh.Trimesh, basename: str) -> list[tuple[str, bytes]]:
+    # `mtllib` and `map_Kd` end at whitespace in most readers, so companions get a name without any
+    companion = re.sub(r"[^\w.-]", "_", basename)
     mesh = mesh.copy()
     material = getattr(mesh.visual, "material", None)
     if material is not None:
         # trimesh names the texture after the material; naming it after the model keeps files distinct
         # when several models share a folder
-        material.name = basename
-    text, companions = trimesh.exchange.obj.export_obj(
-        mesh, include_texture=True, return_texture=True, mtl_name=f"{basename}.mtl"
-    )
+        material.name = companion
+    mtl = f"{companion}.mtl"
+    text, companions = trimesh.exchange.obj.export_obj(mesh, include_texture=True, return_texture=True, mtl_name=mtl)
     files = [(f"{basename}.obj", text.encode("utf-8"))]
-    mtl = f"{basename}.mtl"
     if mtl in companions:
         files.append((mtl, companions.pop(mtl)))
     files.extend(sorted(companions.items()))

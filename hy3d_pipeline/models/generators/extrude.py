@@ -43,6 +43,7 @@ class ExtrudeGenerator(Generator):
         material = trimesh.visual.material.PBRMaterial(
             name="image",
             baseColorTexture=_texture(image),
+            baseColorFactor=[255, 255, 255, 255],  # else OBJ export writes a grey Kd that darkens the picture
             metallicFactor=0.0,
             roughnessFactor=1.0,
         )
@@ -100,8 +101,8 @@ def _extrude(outlines: list[Polygon], grid_shape: tuple[int, int]) -> tuple[np.n
         ring_points = np.vstack(rings)
         count = len(ring_points)
         cap = _triangulate(polygon, rings, ring_points)
-        # Walls follow the cap's own boundary rather than the rings: earcut drops collinear ring points, and a
-        # wall through a point the cap skipped would leave a crack.
+        # Walls follow the cap's own boundary rather than the rings: a triangulator may skip a collinear ring
+        # point, and a wall through a point the cap skipped would leave a crack.
         a, b = _boundary_edges(cap)  # counter-clockwise seen from the front: material on the left
         af, bf, ab, bb = a + offset, b + offset, a + offset + count, b + offset + count
         faces += [cap + offset, cap[:, ::-1] + offset + count]
@@ -130,14 +131,6 @@ def _boundary_edges(triangles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     _, inverse, counts = np.unique(np.sort(edges, axis=1), axis=0, return_inverse=True, return_counts=True)
     once = edges[counts[inverse.ravel()] == 1]
     return once[:, 0], once[:, 1]
-
-
-def _is_closed_solid(mesh: trimesh.Trimesh) -> bool:
-    # judged with coincident positions welded, as any loader or slicer may do: a corner shared by two parts
-    # looks fine on the unwelded mesh and breaks the moment it is welded
-    welded = mesh.copy()
-    welded.merge_vertices(merge_tex=True, merge_norm=True)
-    return bool(welded.is_watertight and welded.is_volume)
 
 
 def _triangulate(polygon: Polygon, rings: list[np.ndarray], points: np.ndarray) -> np.ndarray:
@@ -172,3 +165,11 @@ def _texture(image: PreparedImage) -> Image.Image:
         rgb = rgb[rows, cols]
     opaque = np.dstack([rgb, np.full(foreground.shape, 255, np.uint8)])
     return Image.fromarray(np.ascontiguousarray(opaque), "RGBA")
+
+
+def _is_closed_solid(mesh: trimesh.Trimesh) -> bool:
+    # judged with coincident positions welded, as any loader or slicer may do: a corner shared by two parts
+    # looks fine on the unwelded mesh and breaks the moment it is welded
+    welded = mesh.copy()
+    welded.merge_vertices(merge_tex=True, merge_norm=True)
+    return bool(welded.is_watertight and welded.is_volume)
