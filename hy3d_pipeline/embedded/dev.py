@@ -52,9 +52,14 @@ def run_dev(host: str = "127.0.0.1", port: int = 3000, out=print) -> int:
         )
         stack.callback(stop_process, proc)
         previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        escalation = [signal.SIGINT, signal.SIGTERM, signal.SIGKILL]
 
         def _forward(signum, _frame):
-            stop_process(proc)
+            # only signal here: waiting inside a handler that interrupted proc.wait() deadlocks on Popen's lock.
+            # Each further Ctrl-C escalates, for a child that does not stop.
+            sig = escalation.pop(0) if len(escalation) > 1 else escalation[0]
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, sig) if sig == signal.SIGKILL else proc.send_signal(sig)
 
         for s in previous:
             signal.signal(s, _forward)
