@@ -3,6 +3,7 @@
     python3 bench/pipeline_overhead.py                       # 32 images, batches of 8, tiny Hunyuan3D model, CPU
     python3 bench/pipeline_overhead.py --images 16 --batch 4 --octree 64 --steps 3
     python3 bench/pipeline_overhead.py --generator extrude   # no model at all
+    python3 bench/pipeline_overhead.py --rounds 1            # quicker, noisier
 
 Target (product spec): seconds per image through the assets, batched runs, tiny Hunyuan model on CPU, at most
 1.3 x the baseline. The baseline is a plain loop in one process: list the bucket, then for each object
@@ -20,8 +21,15 @@ is skipped as already existing:
                 what `hy3d-pipeline demo` does); the tick is included in the time
   (c) per-image the same with HY3D_BATCH_SIZE=1: one run per image
 
-Prints seconds per image for each and the ratio to (a), and checks every image got a model in each variant (the
-object in S3 and, for (b)/(c), a `models_3d` materialization). Timings are only printed, never asserted.
+The three variants run interleaved for `--rounds` rounds (default 3; fresh prefixes and instances each round) and
+the median round is reported: seconds per image for each variant and its ratio to (a), the fixed cost of one
+Dagster run derived from them, and a check that every image got a model in every variant and round (the object
+in S3 and, for (b)/(c), a `models_3d` materialization). Timings are only printed, never asserted.
+
+Before anything is timed: the generator is loaded once, one image goes through `process_object` and one
+(skipped-existing) Dagster run executes, so neither side pays first-call costs. torch runs with 1 thread by
+default (`--torch-threads 0` for torch's default): on a small shared CPU two OpenMP threads stall for seconds
+whenever another thread wants the CPU, which swamps the figure being measured (both sides get the same setting).
 """
 
 from __future__ import annotations

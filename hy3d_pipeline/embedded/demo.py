@@ -67,12 +67,7 @@ def run_demo(out=print) -> int:
 
     start = time.perf_counter()
     with contextlib.ExitStack() as stack:
-        if not setup.s3_configured():
-            server = setup.start_embedded_s3()
-            stack.callback(server.stop)
-            out(f"embedded S3 (SeaweedFS) at {server.endpoint_url}, data in {server.data_dir}")
-            setup.upload_samples(ImageStorage.from_env())
-        setup.prepare_dagster_home()
+        setup.enter_embedded_default(stack, out)
         defs = build_defs()
         storage: ImageStorage = defs.resources["storage"]
         instance = stack.enter_context(DagsterInstance.get())

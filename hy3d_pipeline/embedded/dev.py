@@ -36,15 +36,8 @@ def stop_process(proc: subprocess.Popen, timeout: float = 20.0) -> None:
 
 
 def run_dev(host: str = "127.0.0.1", port: int = 3000, out=print) -> int:
-    from hy3d_pipeline.s3.resources import ImageStorage
-
     with contextlib.ExitStack() as stack:
-        if not setup.s3_configured():
-            server = setup.start_embedded_s3()
-            stack.callback(server.stop)
-            out(f"embedded S3 (SeaweedFS) at {server.endpoint_url}, bucket {setup.EMBEDDED_BUCKET}")
-            setup.upload_samples(ImageStorage.from_env())
-        home = setup.prepare_dagster_home()
+        home = setup.enter_embedded_default(stack, out)
         out(f"Dagster UI: http://{host}:{port}  (DAGSTER_HOME={home}); Ctrl-C stops everything")
         proc = subprocess.Popen(
             [sys.executable, "-m", "dagster", "dev", "-m", "hy3d_pipeline", "-h", host, "-p", str(port)],

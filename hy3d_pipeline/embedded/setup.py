@@ -86,3 +86,16 @@ def prepare_dagster_home(home: Path | None = None) -> Path:
         config.write_text(DAGSTER_YAML.format(gpu_slots=int(os.getenv("HY3D_GPU_SLOTS", "1")), max_runs=4))
     os.environ["DAGSTER_HOME"] = str(path)
     return path
+
+
+def enter_embedded_default(stack, out=print) -> Path:
+    """Everything `demo` and `dev` share: the embedded S3 with samples unless S3 is configured (stopped when
+    `stack` closes), and the Dagster home. Returns DAGSTER_HOME."""
+    if not s3_configured():
+        from hy3d_pipeline.s3.resources import ImageStorage
+
+        server = start_embedded_s3()
+        stack.callback(server.stop)
+        out(f"embedded S3 (SeaweedFS) at {server.endpoint_url}, bucket {EMBEDDED_BUCKET}, data in {server.data_dir}")
+        upload_samples(ImageStorage.from_env())
+    return prepare_dagster_home()

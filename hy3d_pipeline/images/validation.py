@@ -90,19 +90,29 @@ def prepare_image(
     else:
         mask = _mask_from_plain_background(pixels[..., :3])
         if mask is None:
-            raise ImageRejected(
-                name,
-                "image has no transparency and no plain background to cut the object from; "
-                "a background-removal model is needed (set HY3D_REMBG_MODEL)",
-            )
-        method = "uniform-background"
-        pixels = pixels.copy()
-        pixels[..., 3] = np.where(mask, 255, 0)  # later steps see a cut-out whatever the method
-        rgba = Image.fromarray(pixels, "RGBA")
+            rgba = _remove_background(rgba, name)
+            mask, method = np.asarray(rgba)[..., 3] > 127, "rembg"
+        else:
+            method = "uniform-background"
+            pixels = pixels.copy()
+            pixels[..., 3] = np.where(mask, 255, 0)  # later steps see a cut-out whatever the method
+            rgba = Image.fromarray(pixels, "RGBA")
 
     if mask.mean() < _MIN_FOREGROUND_FRACTION:
         raise ImageRejected(name, f"no foreground: nothing stands out from the background ({method})")
     return PreparedImage(name=name, rgba=rgba, mask=mask, foreground_method=method)
+
+
+def _remove_background(rgba: Image.Image, name: str) -> Image.Image:
+    """A photo with neither alpha nor a plain background: rembg, from a local model file only."""
+    from hy3d_pipeline.models.generators.background import remove_background
+    from hy3d_pipeline.models.generators.base import GenerationError
+
+    try:
+        return remove_background(rgba, name)[0]
+    except GenerationError as exc:
+        raise ImageRejected(name, "image has no transparency and no plain background to cut the object from; "
+                            f"{str(exc).removeprefix(name + ': ')}") from exc
 
 
 def to_rgba8(image: Image.Image) -> Image.Image:
