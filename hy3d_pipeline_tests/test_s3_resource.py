@@ -165,3 +165,27 @@ def test_settings_from_env(s3_env, monkeypatch):
     assert storage.model_key("a/b.png", "glb") == "models/a/b.png.glb"
     assert storage.is_model_key("out-bucket", "models/x.png") and not storage.is_model_key(storage.images_bucket, "models/x.png")
     assert os.environ["AWS_SECRET_ACCESS_KEY"] not in repr(storage)  # credentials are never resource config
+
+
+def test_fast_listing_matches_boto3(storage, s3):
+    """The sensor's own listing parser returns exactly what boto3's does, odd keys and pagination included."""
+    keys = ["a b+c.png", "tab\there.png", "ünï/猫.png", "amp&lt;.png", "x<y>.png", "q?#%25.png", "plus+.png"]
+    keys += [f"many/{i:04d}.png" for i in range(1010)]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda k: s3.put_object(Bucket=storage.images_bucket, Key=k, Body=k.encode()), keys))
+    ours = [item for page in storage.list_keys(storage.images_bucket) for item in page]
+    theirs = [(o["Key"], o["ETag"].strip('"'), o["Size"])
+              for page in s3.get_paginator("list_objects_v2").paginate(Bucket=storage.images_bucket)
+              for o in page.get("Contents", [])]
+    assert ours == theirs and len(ours) == len(keys)
+    after = [item[0] for page in storage.list_keys(storage.images_bucket, "many/", start_after="many/1000.png")
+             for item in page]
+    assert after == [f"many/{i:04d}.png" for i in range(1001, 1010)]
+
+
+def test_listing_errors_are_translated(storage):
+    with pytest.raises(S3AccessError) as err:
+        list(storage.list_keys("no-such-bucket-hy3d"))
+    assert err.value.code == "NoSuchBucket"

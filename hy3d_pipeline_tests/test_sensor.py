@@ -7,9 +7,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from hy3d_pipeline.definitions import build_defs
-from hy3d_pipeline.embedded.demo import tick
+from hy3d_pipeline.embedded.demo import apply_sensor_records, tick
 from hy3d_pipeline.images.partitions import partition_key_for, relative_key_for
-from hy3d_pipeline.images.sensors import RANGE_END_TAG, RANGE_START_TAG, Cursor
+from hy3d_pipeline.images.planner import RANGE_END_TAG, RANGE_START_TAG, SHARDS, Cursor
 
 
 class Ticker:
@@ -20,8 +20,7 @@ class Ticker:
 
     def __call__(self, commit: bool = True):
         data = tick(self.defs, self.instance, self.cursor)
-        for add in data.dynamic_partitions_requests or []:
-            self.instance.add_dynamic_partitions(add.partitions_def_name, list(add.partition_keys))
+        apply_sensor_records(self.instance, data)
         if commit:
             self.cursor = data.cursor
         return data
@@ -156,4 +155,4 @@ def test_escaped_key_processed(ticker, s3, storage):
 
 
 def test_cursor_is_small():
-    assert len(Cursor(seq=10**9, shards=["f" * 16] * 256).dump()) < 8 * 1024
+    assert len(Cursor(seq=10**9, shards=[2**64 - 1] * SHARDS, reconciled_at=1e9, pending=[10**9]).dump()) < 64 * 1024

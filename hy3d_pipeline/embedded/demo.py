@@ -15,13 +15,27 @@ from dagster import DagsterInstance, build_sensor_context, materialize
 from hy3d_pipeline.embedded import setup
 
 
+def apply_sensor_records(instance, result) -> None:
+    """What the daemon records from a tick before launching its runs: partitions added or deleted, and the
+    tick's asset events (deletion marks)."""
+    from dagster import AddDynamicPartitionsRequest
+
+    for request in result.dynamic_partitions_requests or []:
+        if isinstance(request, AddDynamicPartitionsRequest):
+            instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
+        else:
+            for key in request.partition_keys:
+                instance.delete_dynamic_partition(request.partitions_def_name, key)
+    for event in result.asset_events or []:
+        instance.report_runless_asset_event(event)
+
+
 def execute_sensor_result(defs, instance, result, log_level: str = "WARNING") -> tuple[int, dict[str, str]]:
     """Apply a sensor's result like the daemon: partitions first, then each run request, in-process.
     Returns (runs executed, failure message per partition key)."""
     from hy3d_pipeline.models.assets import image_to_model
 
-    for add in result.dynamic_partitions_requests or []:
-        instance.add_dynamic_partitions(add.partitions_def_name, list(add.partition_keys))
+    apply_sensor_records(instance, result)
     failures: dict[str, str] = {}
     for request in result.run_requests or []:
         outcome = materialize(

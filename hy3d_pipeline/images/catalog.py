@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 _NAMESPACE = "hy3d/images/"
+DELETED = "~deleted"  # the ETag recorded for a source object seen deleted (never a real ETag: has no quotes/hex)
 _CHUNK = 500  # stays under SQLite's bound-variable limit on every version
 
 

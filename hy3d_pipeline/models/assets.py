@@ -27,7 +27,7 @@ from dagster import (
 )
 
 from hy3d_pipeline.images.partitions import images_partitions, relative_key_for
-from hy3d_pipeline.images.sensors import batch_size
+from hy3d_pipeline.images.planner import batch_size
 from hy3d_pipeline.models.resources import GeneratorResource
 from hy3d_pipeline.models.generators.base import GenerationError
 from hy3d_pipeline.s3.errors import S3AccessError

@@ -152,6 +152,7 @@ class ImageStorage(S3Resource):
                         connect_timeout=min(timeout, 10.0),
                         read_timeout=timeout,
                         retries={"max_attempts": self.max_attempts, "mode": "standard"},
+                        signature_version="s3v4",  # also for presigned listing URLs (see s3/listing.py)
                         s3={"addressing_style": "path"} if self.endpoint_url else None,
                         max_pool_connections=32,
                     ),
@@ -193,26 +194,16 @@ class ImageStorage(S3Resource):
                 return None
             raise err from exc
 
-    def list_objects(self, bucket: str, prefix: str = "", start_after: str = "", page_size: int = 1000
-                     ) -> Iterator[list[ObjectInfo]]:
-        """Pages of objects under `prefix`, in key order, resuming after `start_after`."""
-        kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": page_size}
-        if start_after:
-            kwargs["StartAfter"] = start_after
-        client = self.client()
-        while True:
-            try:
-                page = client.list_objects_v2(**kwargs)
-            except Exception as exc:  # noqa: BLE001
-                raise translate(exc, bucket, None, endpoint=self.endpoint_url) from exc
-            yield [
-                ObjectInfo(bucket, o["Key"], o.get("ETag", "").strip('"'), int(o.get("Size", 0)), o.get("LastModified"))
-                for o in page.get("Contents", ())
-            ]
-            if not page.get("IsTruncated"):
-                return
-            kwargs["ContinuationToken"] = page["NextContinuationToken"]
-            kwargs.pop("StartAfter", None)
+    def list_keys(self, bucket: str, prefix: str = "", start_after: str = "") -> Iterator[list[tuple[str, str, int]]]:
+        """Pages of (key, etag, size) under `prefix`, in key order, resuming after `start_after`."""
+        from hy3d_pipeline.s3.listing import list_pages
+
+        try:
+            yield from list_pages(self.client(), bucket, prefix, start_after, timeout=float(self.download_timeout))
+        except S3AccessError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise translate(exc, bucket, None, endpoint=self.endpoint_url) from exc
 
     def download(self, info: ObjectInfo, dest: Path | None = None) -> Path:
         """Fetch exactly the object version `info` describes into the local cache and return its path.

@@ -1,0 +1,147 @@
+"""Event mode: S3 event notifications read from SQS instead of listing the bucket.
+
+Work per tick grows with the number of new events, not with the bucket. Messages are deleted from the queue
+only once the tick that read them is committed (its cursor stored, so its partitions and runs are recorded):
+their receipt handles wait in the instance's key-value table under the tick's number and are deleted at the
+start of the next tick. A tick that never commits leaves its messages to reappear after the visibility timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from urllib.parse import unquote_plus, urlsplit
+
+_RING = 64  # slots for pending receipt handles; a slot is reused 64 ticks later, long after it was deleted
+
+
+def queue_url() -> str:
+    return os.getenv("S3_EVENTS_QUEUE_URL", "").strip()
+
+
+def reconcile_seconds() -> float:
+    return float(os.getenv("HY3D_RECONCILE_SECONDS", "3600") or 3600)
+
+
+def visibility_seconds(interval: int) -> int:
+    """How long received messages stay hidden: longer than a tick, so they are deleted before they reappear."""
+    return int(os.getenv("HY3D_SQS_VISIBILITY_SECONDS") or max(60, 4 * interval))
+
+
+def sqs_client(url: str, region: str):
+    import boto3
+
+    endpoint = os.getenv("SQS_ENDPOINT_URL") or None
+    host = urlsplit(url).hostname or ""
+    if endpoint is None and not host.endswith(("amazonaws.com", "amazonaws.com.cn")):
+        endpoint = f"{urlsplit(url).scheme}://{urlsplit(url).netloc}"  # S3-compatible setups: the queue's own host
+    return boto3.client("sqs", region_name=region, endpoint_url=endpoint)
+
+
+@dataclass
+class EventBatch:
+    created: dict[str, tuple[str, str]] = field(default_factory=dict)  # object key -> (etag, sequencer)
+    deleted: dict[str, str] = field(default_factory=dict)  # object key -> sequencer
+    handles: list[str] = field(default_factory=list)
+    messages: int = 0
+    ignored: int = 0
+
+
+def _records(body: str) -> list[dict] | None:
+    """The S3 records of one message body (plain, or wrapped by SNS); [] for test events; None if unreadable."""
+    try:
+        data = json.loads(body)
+        if isinstance(data, dict) and data.get("Type") == "Notification" and "Message" in data:
+            data = json.loads(data["Message"])
+    except (ValueError, TypeError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    if data.get("Event") == "s3:TestEvent":
+        return []
+    return data.get("Records") if isinstance(data.get("Records"), list) else None
+
+
+def _newer(sequencer: str, than: str) -> bool:
+    # S3 sequencers are hex strings to compare after left-padding to the same length
+    width = max(len(sequencer), len(than))
+    return sequencer.rjust(width, "0") >= than.rjust(width, "0")
+
+
+def add_record(batch: EventBatch, record: dict, bucket: str) -> None:
+    s3 = record.get("s3") or {}
+    if (s3.get("bucket") or {}).get("name") != bucket:
+        batch.ignored += 1
+        return
+    obj = s3.get("object") or {}
+    key = unquote_plus(obj.get("key", ""))
+    sequencer = str(obj.get("sequencer", ""))
+    name = str(record.get("eventName", ""))
+    if name.startswith("ObjectCreated:"):
+        prior = batch.created.get(key)
+        if prior is None or _newer(sequencer, prior[1]):
+            batch.created[key] = (str(obj.get("eTag", "")).strip('"'), sequencer)
+    elif name.startswith("ObjectRemoved:"):
+        if key not in batch.deleted or _newer(sequencer, batch.deleted[key]):
+            batch.deleted[key] = sequencer
+    else:
+        batch.ignored += 1
+
+
+def receive(client, url: str, bucket: str, max_messages: int, visibility: int, budget_s: float) -> EventBatch:
+    batch = EventBatch()
+    deadline = time.monotonic() + budget_s
+    while batch.messages < max_messages and time.monotonic() < deadline:
+        answer = client.receive_message(QueueUrl=url, MaxNumberOfMessages=min(10, max_messages - batch.messages),
+                                        WaitTimeSeconds=0, VisibilityTimeout=visibility)
+        messages = answer.get("Messages", [])
+        if not messages:
+            break
+        for message in messages:
+            batch.messages += 1
+            batch.handles.append(message["ReceiptHandle"])
+            records = _records(message.get("Body", ""))
+            if records is None:
+                batch.ignored += 1
+                continue
+            for record in records:
+                add_record(batch, record, bucket)
+    # a key deleted after its latest creation in this batch is gone; one created after its deletion exists
+    for key, sequencer in list(batch.deleted.items()):
+        if key in batch.created and _newer(batch.created[key][1], sequencer):
+            del batch.deleted[key]
+        else:
+            batch.created.pop(key, None)
+    return batch
+
+
+class PendingDeletes:
+    """Receipt handles of a tick's messages, kept until that tick is committed."""
+
+    def __init__(self, instance) -> None:
+        self._storage = instance.run_storage
+
+    @staticmethod
+    def _slot(seq: int) -> str:
+        return f"hy3d/sqs/pending/{seq % _RING}"
+
+    def save(self, seq: int, handles: list[str]) -> None:
+        self._storage.set_cursor_values({self._slot(seq): json.dumps({"seq": seq, "handles": handles})})
+
+    def flush(self, client, url: str, seqs: list[int]) -> None:
+        """Delete from the queue the messages of these committed ticks."""
+        for seq in seqs:
+            slot = self._slot(seq)
+            raw = self._storage.get_cursor_values({slot}).get(slot)
+            if not raw:
+                continue
+            data = json.loads(raw)
+            if data.get("seq") != seq:
+                continue
+            handles = data.get("handles", [])
+            for i in range(0, len(handles), 10):
+                entries = [{"Id": str(n), "ReceiptHandle": h} for n, h in enumerate(handles[i:i + 10])]
+                client.delete_message_batch(QueueUrl=url, Entries=entries)
+            self._storage.set_cursor_values({slot: json.dumps({"seq": seq, "handles": []})})

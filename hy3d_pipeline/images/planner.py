@@ -1,0 +1,183 @@
+"""What one sensor tick requests, given what it observed in the bucket.
+
+Observations come from a full listing (listing mode, and the periodic reconciliation of event mode) or from S3
+event notifications. Either way the plan is the same: compare each observed ETag with what was already
+requested (`catalog.RequestedImages`, in the instance's key-value table), add partitions for new keys, request
+runs for new and changed images in contiguous batches, and record deletions without touching any model.
+
+The cursor stays small at any bucket size: a sequence number, a 64-bit digest per shard of the key space (so
+a listing tick looks up only the shards whose content changed), and bookkeeping for event mode. A tick that
+finds more work than HY3D_SENSOR_MAX_IMAGES requests the first ones in key order and leaves the rest's shards
+marked dirty, so the next tick resumes exactly there.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from dagster import AssetKey, AssetObservation, RunRequest, SensorResult
+
+from hy3d_pipeline.images.catalog import DELETED, RequestedImages
+from hy3d_pipeline.images.partitions import IMAGES_PARTITIONS_NAME, images_partitions
+
+SHARDS = 2048
+PIPELINE_ASSETS = [AssetKey("source_images"), AssetKey("local_images"), AssetKey("models_3d")]
+RANGE_START_TAG = "dagster/asset_partition_range_start"
+RANGE_END_TAG = "dagster/asset_partition_range_end"
+_ADD_CHUNK = 500
+_MASK = (1 << 64) - 1
+
+
+def batch_size() -> int:
+    return max(1, int(os.getenv("HY3D_BATCH_SIZE", "8") or 8))
+
+
+def max_images_per_tick() -> int:
+    return max(1, int(os.getenv("HY3D_SENSOR_MAX_IMAGES", "5000") or 5000))
+
+
+def deleted_policy() -> str:
+    policy = (os.getenv("HY3D_DELETED_SOURCES") or "mark").strip().lower()
+    if policy not in ("mark", "remove-partition"):
+        raise ValueError(f"HY3D_DELETED_SOURCES={policy!r}: use 'mark' or 'remove-partition'")
+    return policy
+
+
+def _hash(text: str) -> bytes:
+    return hashlib.blake2b(text.encode(), digest_size=8).digest()
+
+
+def shard_of(partition_key: str) -> int:
+    return int.from_bytes(_hash(partition_key)[:2], "big") % SHARDS
+
+
+def shard_digests(listed: dict[str, str]) -> list[int]:
+    acc = [0] * SHARDS
+    for key, etag in listed.items():
+        acc[shard_of(key)] ^= int.from_bytes(_hash(f"{key}\0{etag}"), "big")
+    return acc
+
+
+@dataclass
+class Cursor:
+    seq: int = 0
+    shards: list[int] = field(default_factory=list)  # empty: no committed listing, every shard is checked
+    reconciled_at: float = 0.0  # event mode: when the last full listing ran
+    pending: list[int] = field(default_factory=list)  # event mode: ticks whose queue messages await deletion
+
+    @classmethod
+    def load(cls, raw: str | None) -> "Cursor | None":
+        if not raw:
+            return None
+        data = json.loads(raw)
+        blob = base64.b64decode(data.get("shards", "")) if data.get("shards") else b""
+        shards = [int.from_bytes(blob[i:i + 8], "big") for i in range(0, len(blob), 8)]
+        return cls(seq=int(data.get("seq", 0)), shards=shards if len(shards) == SHARDS else [],
+                   reconciled_at=float(data.get("reconciled_at", 0)), pending=list(data.get("pending", [])))
+
+    def dump(self) -> str:
+        blob = b"".join(v.to_bytes(8, "big") for v in self.shards)
+        return json.dumps({"v": 2, "seq": self.seq, "shards": base64.b64encode(blob).decode(),
+                           "reconciled_at": self.reconciled_at, "pending": self.pending}, separators=(",", ":"))
+
+
+def contiguous_batches(keys: Iterable[str], order: Sequence[str], size: int) -> list[list[str]]:
+    """Split `keys` into runs of at most `size` keys that are contiguous in the partition order."""
+    index = {k: i for i, k in enumerate(order)}
+    batches: list[list[str]] = []
+    for pos in sorted(index[k] for k in keys):
+        if batches and len(batches[-1]) < size and index[batches[-1][-1]] == pos - 1:
+            batches[-1].append(order[pos])
+        else:
+            batches.append([order[pos]])
+    return batches
+
+
+def run_request_for(batch: list[str], etags: dict[str, str]) -> RunRequest:
+    digest = hashlib.sha256("\n".join(f"{k}\0{etags[k]}" for k in batch).encode()).hexdigest()[:20]
+    if len(batch) == 1:
+        return RunRequest(run_key=f"images-{digest}", asset_selection=PIPELINE_ASSETS, partition_key=batch[0])
+    return RunRequest(
+        run_key=f"images-{digest}",
+        asset_selection=PIPELINE_ASSETS,
+        tags={RANGE_START_TAG: batch[0], RANGE_END_TAG: batch[-1], "hy3d/batch_size": str(len(batch))},
+    )
+
+
+@dataclass
+class Observed:
+    """What a tick saw: `etags` of existing images (all of them when `complete`), and keys seen deleted."""
+
+    etags: dict[str, str]
+    complete: bool
+    deleted: set[str] = field(default_factory=set)
+
+
+@dataclass
+class Plan:
+    result: SensorResult | None
+    cursor: Cursor
+    requested: list[str]
+    deferred: int = 0
+    deleted: list[str] = field(default_factory=list)
+
+
+def plan_tick(instance, cursor: Cursor | None, observed: Observed, size: int, limit: int | None = None) -> Plan:
+    catalog = RequestedImages(instance)
+    committed_seq = cursor.seq if cursor else None
+    seq = (cursor.seq if cursor else 0) + 1
+    next_cursor = Cursor(seq=seq, shards=list(cursor.shards) if cursor else [],
+                         reconciled_at=cursor.reconciled_at if cursor else 0.0)
+    existing = instance.get_dynamic_partitions(IMAGES_PARTITIONS_NAME)
+    existing_set = set(existing)
+    etags = observed.etags
+
+    if observed.complete:
+        digests = shard_digests(etags)
+        prior = cursor.shards if cursor and cursor.shards else None
+        changed = {i for i in range(SHARDS) if prior is None or prior[i] != digests[i]}
+        candidates = [k for k in etags if shard_of(k) in changed]
+        next_cursor.shards = digests
+        gone = existing_set.difference(etags)
+    else:
+        candidates = list(etags)
+        gone = set()
+    gone |= {k for k in observed.deleted if k not in etags}
+    rows = catalog.get(list(dict.fromkeys([*candidates, *gone])))
+
+    def settled(key: str) -> bool:
+        row = rows.get(key)
+        return row is not None and row[0] == etags[key] and (committed_seq is None or row[1] <= committed_seq)
+
+    todo = sorted({k for k in candidates if not settled(k)} | {k for k in etags if k not in existing_set})
+    deleted = sorted(k for k in gone if rows.get(k, ("",))[0] != DELETED and (k in existing_set or k in rows))
+    limit = limit or max_images_per_tick()
+    deferred = todo[limit:]
+    todo = todo[:limit]
+    if deferred and next_cursor.shards:
+        for key in deferred:  # their shards must be looked at again next tick: resume exactly here
+            next_cursor.shards[shard_of(key)] = 0 if next_cursor.shards[shard_of(key)] else 1
+    if not todo and not deleted:
+        return Plan(None, next_cursor, [], len(deferred))
+
+    catalog.set({**{k: etags[k] for k in todo}, **{k: DELETED for k in deleted}}, seq)
+    new_keys = [k for k in todo if k not in existing_set]
+    order = [k for k in existing if k not in set(deleted) or deleted_policy() == "mark"] + new_keys
+    runs = [run_request_for(b, etags) for b in contiguous_batches(todo, order, size)]
+    partitions = [images_partitions.build_add_request(new_keys[i:i + _ADD_CHUNK])
+                  for i in range(0, len(new_keys), _ADD_CHUNK)]
+    events = [AssetObservation(asset_key=PIPELINE_ASSETS[0], partition=k, metadata={
+        "deleted": True, "policy": deleted_policy(),
+        "note": "the source object is gone; its generated model is kept"}) for k in deleted if k in existing_set]
+    if deleted and deleted_policy() == "remove-partition":
+        present = [k for k in deleted if k in existing_set]
+        partitions += [images_partitions.build_delete_request(present[i:i + _ADD_CHUNK])
+                       for i in range(0, len(present), _ADD_CHUNK)]
+    result = SensorResult(run_requests=runs, dynamic_partitions_requests=partitions, asset_events=events,
+                          cursor=next_cursor.dump())
+    return Plan(result, next_cursor, todo, len(deferred), deleted)
