@@ -64,6 +64,17 @@ def _records(body: str) -> list[dict] | None:
     return data.get("Records") if isinstance(data.get("Records"), list) else None
 
 
+def settle_deletions(batch: EventBatch, exists) -> None:
+    """For keys with a deletion in the batch, ask S3 what is there now (`exists(key) -> etag or None`): event
+    order is only as good as the sequencers, which S3-compatible servers do not always fill in."""
+    for key in list(batch.deleted):
+        etag = exists(key)
+        if etag is None:
+            batch.created.pop(key, None)
+        else:
+            batch.created[key] = (etag, batch.deleted.pop(key))
+
+
 def _newer(sequencer: str, than: str) -> bool:
     # S3 sequencers are hex strings to compare after left-padding to the same length
     width = max(len(sequencer), len(than))
@@ -108,12 +119,6 @@ def receive(client, url: str, bucket: str, max_messages: int, visibility: int, b
                 continue
             for record in records:
                 add_record(batch, record, bucket)
-    # a key deleted after its latest creation in this batch is gone; one created after its deletion exists
-    for key, sequencer in list(batch.deleted.items()):
-        if key in batch.created and _newer(batch.created[key][1], sequencer):
-            del batch.deleted[key]
-        else:
-            batch.created.pop(key, None)
     return batch
 
 

@@ -42,6 +42,11 @@ def list_images(storage: ImageStorage) -> dict[str, str]:
     return listed
 
 
+def _current_etag(storage: ImageStorage, key: str) -> str | None:
+    head = storage.head_or_none(storage.images_bucket, key)
+    return head["ETag"].strip('"') if head else None
+
+
 def sensor_interval() -> int:
     return max(1, int(os.getenv("HY3D_SENSOR_INTERVAL", "15") or 15))
 
@@ -54,6 +59,7 @@ def observe_events(context, storage: ImageStorage, cursor: Cursor | None, url: s
         pending.flush(client, url, cursor.pending)
     batch = events.receive(client, url, storage.images_bucket, max_messages=max_images_per_tick(),
                            visibility=events.visibility_seconds(sensor_interval()), budget_s=20.0)
+    events.settle_deletions(batch, lambda key: _current_etag(storage, key))
     created = {}
     for key, (etag, _seq) in batch.created.items():
         partition_key = image_partition_key(storage, key)
