@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from urllib.parse import unquote_plus, urlsplit
@@ -101,24 +102,43 @@ def add_record(batch: EventBatch, record: dict, bucket: str) -> None:
         batch.ignored += 1
 
 
-def receive(client, url: str, bucket: str, max_messages: int, visibility: int, budget_s: float) -> EventBatch:
-    batch = EventBatch()
+def receive(client, url: str, bucket: str, max_messages: int, visibility: int, budget_s: float,
+            readers: int = 4) -> EventBatch:
+    """Drain up to `max_messages` messages within `budget_s`, with a few concurrent readers: each receive is a
+    network round trip, and SQS serves concurrent receivers."""
+    from concurrent.futures import ThreadPoolExecutor
+
     deadline = time.monotonic() + budget_s
-    while batch.messages < max_messages and time.monotonic() < deadline:
-        answer = client.receive_message(QueueUrl=url, MaxNumberOfMessages=min(10, max_messages - batch.messages),
-                                        WaitTimeSeconds=0, VisibilityTimeout=visibility)
-        messages = answer.get("Messages", [])
-        if not messages:
-            break
-        for message in messages:
-            batch.messages += 1
-            batch.handles.append(message["ReceiptHandle"])
-            records = _records(message.get("Body", ""))
-            if records is None:
-                batch.ignored += 1
-                continue
-            for record in records:
-                add_record(batch, record, bucket)
+    lock = threading.Lock()
+    received: list[dict] = []
+
+    def reader() -> None:
+        while time.monotonic() < deadline:
+            with lock:
+                room = max_messages - len(received)
+            if room <= 0:
+                return
+            answer = client.receive_message(QueueUrl=url, MaxNumberOfMessages=min(10, room), WaitTimeSeconds=0,
+                                            VisibilityTimeout=visibility)
+            messages = answer.get("Messages", [])
+            if not messages:
+                return
+            with lock:
+                received.extend(messages)
+
+    with ThreadPoolExecutor(readers) as pool:
+        for future in [pool.submit(reader) for _ in range(readers)]:
+            future.result()
+    batch = EventBatch()
+    for message in received:
+        batch.messages += 1
+        batch.handles.append(message["ReceiptHandle"])
+        records = _records(message.get("Body", ""))
+        if records is None:
+            batch.ignored += 1
+            continue
+        for record in records:
+            add_record(batch, record, bucket)
     return batch
 
 

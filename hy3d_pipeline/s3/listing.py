@@ -22,6 +22,7 @@ _TRUNCATED = re.compile(r"<IsTruncated>true</IsTruncated>")
 _TOKEN = re.compile(r"<NextContinuationToken>([^<]*)</NextContinuationToken>")
 
 _pool = None
+pages_requested = 0  # process-wide count of listing requests, for benchmarks
 
 
 def _http():
@@ -55,7 +56,9 @@ def list_pages(client, bucket: str, prefix: str = "", start_after: str = "", tim
     if start_after:
         params["StartAfter"] = start_after
     while True:
+        global pages_requested
         url = client.generate_presigned_url("list_objects_v2", Params=params, ExpiresIn=900)
+        pages_requested += 1
         response = _http().request("GET", url, timeout=timeout, preload_content=True)
         if response.status != 200:
             client.list_objects_v2(**params)  # raises the proper ClientError for the caller to translate
