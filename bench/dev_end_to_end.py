@@ -32,7 +32,8 @@ def image(i: int) -> bytes:
 
 
 def count_models(s3, bucket: str, prefix: str) -> int:
-    return sum(page.get("KeyCount", 0) for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix))
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return sum(1 for page in pages for o in page.get("Contents", []) if o["Key"].endswith(".glb"))
 
 
 def main() -> None:
