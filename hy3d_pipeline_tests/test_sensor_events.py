@@ -63,6 +63,9 @@ def test_events_drive_requests(events_env):
     assert queue_depth(events_env) > 0  # not deleted until this tick is committed
     assert ticker().run_requests == []
     assert queue_depth(events_env) == 0  # the next tick deleted what the committed one read
+    s3.put_object(Bucket=b, Key="before.png", Body=b"overwritten")
+    s3.put_object(Bucket=b, Key="after.png", Body=b"new")
+    assert sorted(ticker.requested(ticker())) == ["after.png", "before.png"]
 
 
 def test_deletion_event_marks_partition(events_env):

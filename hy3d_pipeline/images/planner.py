@@ -133,9 +133,12 @@ def plan_tick(instance, cursor: Cursor | None, observed: Observed, size: int, li
     seq = (cursor.seq if cursor else 0) + 1
     next_cursor = Cursor(seq=seq, shards=list(cursor.shards) if cursor else [],
                          reconciled_at=cursor.reconciled_at if cursor else 0.0)
-    existing = instance.get_dynamic_partitions(IMAGES_PARTITIONS_NAME)
-    existing_set = set(existing)
     etags = observed.etags
+    if observed.complete:
+        existing = instance.get_dynamic_partitions(IMAGES_PARTITIONS_NAME)
+    else:  # events: look up only the keys seen, not every partition of a huge bucket
+        existing = [k for k in [*etags, *observed.deleted] if instance.has_dynamic_partition(IMAGES_PARTITIONS_NAME, k)]
+    existing_set = set(existing)
 
     if observed.complete:
         digests = shard_digests(etags)
@@ -167,8 +170,12 @@ def plan_tick(instance, cursor: Cursor | None, observed: Observed, size: int, li
 
     catalog.set({**{k: etags[k] for k in todo}, **{k: DELETED for k in deleted}}, seq)
     new_keys = [k for k in todo if k not in existing_set]
-    order = [k for k in existing if k not in set(deleted) or deleted_policy() == "mark"] + new_keys
-    runs = [run_request_for(b, etags) for b in contiguous_batches(todo, order, size)]
+    if observed.complete:
+        order = [k for k in existing if k not in set(deleted) or deleted_policy() == "mark"] + new_keys
+        batches = contiguous_batches(todo, order, size)
+    else:  # positions of existing partitions are unknown here: changed images run alone, new ones in batches
+        batches = [[k] for k in todo if k in existing_set] + contiguous_batches(new_keys, new_keys, size)
+    runs = [run_request_for(b, etags) for b in batches]
     partitions = [images_partitions.build_add_request(new_keys[i:i + _ADD_CHUNK])
                   for i in range(0, len(new_keys), _ADD_CHUNK)]
     events = [AssetObservation(asset_key=PIPELINE_ASSETS[0], partition=k, metadata={
