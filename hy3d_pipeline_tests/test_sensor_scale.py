@@ -68,3 +68,14 @@ def test_overwrite_during_burst_processed_once_per_etag(ticker, s3, storage):
     second = ticker.requested(ticker())
     assert first == second == ["x.png"]
     assert ticker().run_requests == []
+
+
+def test_existing_partitions_lookup_agrees_with_dagster(instance):
+    """The one-query lookup event mode uses reads Dagster's own table; it must agree with the public API."""
+    from hy3d_pipeline.images.planner import existing_partitions
+
+    keys = [f"k{i}.png" for i in range(1200)]
+    instance.add_dynamic_partitions("images", keys[::3])
+    probe = keys + ["odd...key.png", "absent.png"]
+    assert existing_partitions(instance, probe) == [k for k in probe if instance.has_dynamic_partition("images", k)]
+    assert len(existing_partitions(instance, probe)) == 400
