@@ -1,4 +1,4 @@
-"""The `hy3d-pipeline` command: `demo`, `dev`, `generate` for one image, and `fetch-weights`."""
+"""The `hy3d-pipeline` command: `demo`, `dev`, `generate` for one image, `report`, and `fetch-weights`."""
 
 from __future__ import annotations
 
@@ -18,6 +18,11 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("image")
     gen.add_argument("--format", default="glb", choices=["glb", "obj", "ply", "stl"])
     gen.add_argument("--texture", action="store_true")
+    report = sub.add_parser("report", help="write a static HTML gallery of the models, checks and failures")
+    report.add_argument("--out", default="hy3d-report", help="folder for index.html and thumbs/ (default: %(default)s)")
+    scope = report.add_mutually_exclusive_group()
+    scope.add_argument("--prefix", default="", help="only images whose key (relative to S3_IMAGES_PREFIX) starts so")
+    scope.add_argument("--backfill", default=None, help="only the images a Dagster backfill targeted (its id)")
     fetch = sub.add_parser("fetch-weights", help="download the configured Hunyuan3D weights into HY3DGEN_MODELS")
     fetch.add_argument("--no-rembg", action="store_true", help="skip the background-removal model")
     args = parser.parse_args(argv)
@@ -36,6 +41,10 @@ def main(argv: list[str] | None = None) -> int:
         result = generate_3d_from_image_core(args.image, with_texture=args.texture, output_format=args.format)
         print(json.dumps(result, indent=2))
         return 0 if result["status"] == "success" else 1
+    if args.command == "report":
+        from hy3d_pipeline.report import run_report
+
+        return run_report(args.out, prefix=args.prefix, backfill_id=args.backfill)
     if args.command == "fetch-weights":
         from hy3d_pipeline.models.resources import GeneratorResource
         from hy3d_pipeline.models.weights import WeightsError, fetch_weights

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
-from dagster import AssetKey, DagsterEventType, EventRecordsFilter
+from dagster import AssetKey, AssetRecordsFilter
 
 from hy3d_pipeline_tests.test_sensor import Ticker, put  # noqa: F401 - shared helpers
 from hy3d_pipeline_tests.test_sensor import ticker  # noqa: F401 - fixture
 
 
 def observations(instance, partition):
-    records = instance.get_event_records(EventRecordsFilter(
-        event_type=DagsterEventType.ASSET_OBSERVATION, asset_key=AssetKey("source_images"), asset_partitions=[partition]))
+    records = instance.fetch_observations(
+        AssetRecordsFilter(asset_key=AssetKey("source_images"), asset_partitions=[partition]), limit=100).records
     return [r.event_log_entry.asset_observation.metadata for r in records]
 
 

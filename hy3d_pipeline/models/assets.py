@@ -5,29 +5,48 @@ others: with separate steps, one bad key failing `local_images` would skip `mode
 Here each key goes as far as it can, good keys are recorded as materialized, and the step fails at the end naming
 only the bad ones. One step also lets the next image download while the current one generates, and the whole
 step runs in the `gpu` pool. Selecting a single asset in the UI works too (`can_subset`).
+
+The asset checks on `models_3d` (checks.py) run in the same step, right after each model is made, while its
+mesh and the input's mask are in memory. They are partitioned like the asset: each key's evaluation is recorded
+against that key and its new materialization. `AssetCheckResult` cannot name a partition (Dagster takes it
+from the step, and a batch step spans a range), so the step records `AssetCheckEvaluation`s itself.
 """
 
 
 import socket
+import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from dagster import (
+    AssetCheckEvaluation,
+    AssetCheckKey,
+    AssetCheckSeverity,
+    AssetCheckSpec,
     AssetExecutionContext,
     AssetKey,
     AssetMaterialization,
+    AssetRecordsFilter,
     AssetSpec,
     Backoff,
     BackfillPolicy,
     Config,
     Failure,
     MetadataValue,
+    Output,
+    PreviewWarning,
     RetryPolicy,
     multi_asset,
+)
+# not re-exported by dagster, yet what ties a check evaluation to the materialization it judged (without it the
+# UI shows the verdict as stale); AssetCheckResult builds the same object internally
+from dagster._core.definitions.asset_checks.asset_check_evaluation import (
+    AssetCheckEvaluationTargetMaterializationData,
 )
 
 from hy3d_pipeline.images.partitions import images_partitions, relative_key_for
 from hy3d_pipeline.images.planner import batch_size
+from hy3d_pipeline.models.checks import CHECKS
 from hy3d_pipeline.models.resources import GeneratorResource
 from hy3d_pipeline.models.generators.base import GenerationError
 from hy3d_pipeline.s3.errors import S3AccessError
@@ -54,6 +73,12 @@ specs = [
               description="The generated 3D model, uploaded next to the images under S3_MODELS_PREFIX."),
 ]
 
+# Partitioned asset checks are a preview feature in Dagster 1.13; the warning would print on every load.
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", PreviewWarning)
+    check_specs = [AssetCheckSpec(name, asset=MODELS, partitions_def=images_partitions, description=text)
+                   for name, text in CHECKS.items()]
+
 
 def _source_metadata(info: ObjectInfo) -> dict[str, Any]:
     return {
@@ -63,6 +88,15 @@ def _source_metadata(info: ObjectInfo) -> dict[str, Any]:
         "content_type": info.content_type or "",
         "last_modified": info.last_modified.isoformat() if info.last_modified else "",
     }
+
+
+def _inline(picture, alt: str) -> dict[str, Any]:
+    """A picture as inline markdown metadata (`{}` without one); see thumbnails.inline_markdown."""
+    if picture is None:
+        return {}
+    from hy3d_pipeline.models.thumbnails import inline_markdown
+
+    return {alt: MetadataValue.md(inline_markdown(picture, alt))}
 
 
 def _fetch(storage: ImageStorage, key: str, want_local: bool, want_verify: bool):
@@ -80,9 +114,15 @@ def _fetch(storage: ImageStorage, key: str, want_local: bool, want_verify: bool)
                 path = storage.download(info)
             if want_verify:
                 from hy3d_pipeline.images.validation import verify_image
+                from hy3d_pipeline.models.thumbnails import image_preview
 
                 with timer.stage("verify"):
                     verified = verify_image(path, info.url)
+                with timer.stage("preview"):
+                    try:
+                        verified = {**_inline(image_preview(path), "thumbnail"), **verified}
+                    except Exception:  # noqa: BLE001 - a verified image without a preview is still good
+                        pass
     except Exception as exc:  # noqa: BLE001 - re-raised by the consumer, after the source is recorded
         if path is not None:
             storage.discard_local(path)
@@ -90,9 +130,57 @@ def _fetch(storage: ImageStorage, key: str, want_local: bool, want_verify: bool)
     return info, path, verified, timer, None
 
 
+def _check_evaluations(context: AssetExecutionContext, key: str, outcome, max_faces: int,
+                       wanted: set[AssetCheckKey]):
+    """This key's check verdicts, recorded against its partition and the materialization just made."""
+    from hy3d_pipeline.models.checks import evaluate
+
+    records = context.instance.fetch_materializations(
+        AssetRecordsFilter(asset_key=MODELS, asset_partitions=[key]), limit=1).records
+    target = (AssetCheckEvaluationTargetMaterializationData(
+        storage_id=records[0].storage_id, run_id=records[0].run_id, timestamp=records[0].timestamp)
+        if records else None)
+    for verdict in evaluate(outcome.figures, max_faces):
+        if AssetCheckKey(MODELS, verdict.name) not in wanted:
+            continue
+        yield AssetCheckEvaluation(
+            asset_key=MODELS, check_name=verdict.name, passed=verdict.passed, partition=key,
+            severity=AssetCheckSeverity.WARN if verdict.severity == "WARN" else AssetCheckSeverity.ERROR,
+            description=verdict.description, target_materialization_data=target, blocking=False,
+            metadata={**verdict.metadata, "measured": outcome.measured, "model_url": MetadataValue.text(outcome.model_url)},
+        )
+
+
+def _model_metadata(outcome, info: ObjectInfo, settings) -> dict[str, Any]:
+    return {
+        # the pictures first: the UI lists metadata in this order
+        **_inline(outcome.picture, "thumbnail"),
+        **_inline(outcome.input_preview, "input"),
+        **outcome.metadata(),
+        "model_url": MetadataValue.text(outcome.model_url),
+        "source_etag": info.etag,
+        "settings": settings.fingerprint(),
+        "output_format": settings.output_format,
+        "bounds": MetadataValue.json(outcome.stats.get("bounds", outcome.figures.get("bounds", []))),
+        **({"notes": MetadataValue.json(outcome.notes)} if outcome.notes else {}),
+    }
+
+
+def _existing_for_checks(storage: ImageStorage, info: ObjectInfo, settings, timer, path):
+    from hy3d_pipeline.models.processing import complete_existing, existing_model
+
+    model_key = storage.model_key(storage.relative_key(info.key), settings.output_format)
+    done = existing_model(storage, model_key, info, settings)
+    if done is None:
+        raise GenerationError(f"{info.url}: no model made from this version of the image with these settings "
+                              f"at s3://{storage.models_bucket_name}/{model_key}; materialize models_3d first")
+    return complete_existing(storage, done, info, settings, path, timer)
+
+
 @multi_asset(
     name="image_to_model",
     specs=specs,
+    check_specs=check_specs,
     can_subset=True,
     partitions_def=images_partitions,
     pool="gpu",
@@ -104,9 +192,10 @@ def image_to_model(context: AssetExecutionContext, config: ModelsRunConfig, stor
     from hy3d_pipeline.models.processing import process_object
 
     selected = context.selected_asset_keys
+    checks = {k for k in context.selected_asset_check_keys if k.asset_key == MODELS}
     settings = generator.settings(output_format=config.output_format, texture=config.texture)
     keys = list(context.partition_keys)
-    want_local = LOCAL in selected or MODELS in selected
+    want_local = LOCAL in selected or MODELS in selected or bool(checks)
     failures: dict[str, tuple[str, bool]] = {}
     host = socket.gethostname()
 
@@ -136,14 +225,12 @@ def image_to_model(context: AssetExecutionContext, config: ModelsRunConfig, stor
                 if MODELS in selected:
                     outcome = process_object(storage, info, key, settings, timer, local_path=path)
                     path = None  # process_object owns the local copy now
-                    yield AssetMaterialization(asset_key=MODELS, partition=key, metadata={
-                        **outcome.metadata(),
-                        "model_url": MetadataValue.text(outcome.model_url),
-                        "source_etag": info.etag,
-                        "settings": settings.fingerprint(),
-                        "output_format": settings.output_format,
-                        "bounds": MetadataValue.json(outcome.stats.get("bounds", [])),
-                    })
+                    yield AssetMaterialization(asset_key=MODELS, partition=key,
+                                               metadata=_model_metadata(outcome, info, settings))
+                    yield from _check_evaluations(context, key, outcome, settings.max_faces, checks)
+                elif checks:  # the checks alone (the UI's "Execute checks"): judge the model there is, make none
+                    outcome = _existing_for_checks(storage, info, settings, timer, path)
+                    yield from _check_evaluations(context, key, outcome, settings.max_faces, checks)
             except S3AccessError as exc:
                 failures[key] = (str(exc), exc.transient)
             except (GenerationError, ValueError) as exc:  # ImageRejected is a ValueError
@@ -151,10 +238,17 @@ def image_to_model(context: AssetExecutionContext, config: ModelsRunConfig, stor
             except Exception as exc:  # noqa: BLE001 - one image's surprise must not cost the others theirs
                 failures[key] = (f"{type(exc).__name__}: {exc}", False)
             finally:
-                if path is not None and MODELS in selected:
+                # a copy stays only when `local_images` was materialized for inspection and nothing used it up
+                if path is not None and (MODELS in selected or LOCAL not in selected):
                     storage.discard_local(path)
             if key in failures:
                 context.log.error(f"image {key!r} failed: {failures[key][0]}")
+
+    # one output per selected check, as Dagster expects of a step with checks; the evaluations above carry the results
+    names = {spec.key: name for name, spec in context.assets_def.check_specs_by_output_name.items()}
+    for check_key in sorted(checks, key=lambda k: k.name):
+        if check_key in names:
+            yield Output(None, output_name=names[check_key])
 
     if failures:
         raise Failure(

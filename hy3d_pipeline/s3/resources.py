@@ -256,6 +256,16 @@ class ImageStorage(S3Resource):
             raise translate(exc, bucket, key, endpoint=self.endpoint_url) from exc
         return r["ETag"].strip('"')
 
+    def read(self, bucket: str, key: str) -> bytes | None:
+        """A small object's bytes (a model, its picture), or None when there is no such object."""
+        try:
+            return self.client().get_object(Bucket=bucket, Key=key)["Body"].read()
+        except Exception as exc:  # noqa: BLE001
+            err = translate(exc, bucket, key, endpoint=self.endpoint_url)
+            if err.code == "NoSuchKey":
+                return None
+            raise err from exc
+
     def discard_local(self, path: Path) -> None:
         if self.cleanup_temp_files:
             path.unlink(missing_ok=True)
