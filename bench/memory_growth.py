@@ -1,0 +1,98 @@
+"""Resident memory of one run that processes many images with one warm model.
+
+    python3 bench/memory_growth.py --images 100
+
+Target (product spec): RSS grows by at most 50 MB from image 10 to image 100. Starts its own SeaweedFS, writes the
+tiny Hunyuan3D checkpoint, uploads `--images` distinct images, then materializes all of them as ONE Dagster run
+(one range of partitions, in-process, the way a batched sensor run or a backfill chunk executes) and records
+the process's RSS each time a model is uploaded. Prints RSS at image 10 and at the last image, and the growth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def png(i: int) -> bytes:
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGBA", (96 + i % 9 * 8, 96 + i % 4 * 8), (0, 0, 0, 0))
+    ImageDraw.Draw(img).ellipse((8 + i % 5, 10, 84, 88), fill=(30 + i % 200, 120, 220 - i % 100, 255))
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--images", type=int, default=100)
+    parser.add_argument("--generator", default="hunyuan3d", choices=["hunyuan3d", "extrude"])
+    args = parser.parse_args()
+
+    from dagster import DagsterInstance, materialize
+
+    from hy3d_pipeline.embedded.seaweedfs import SeaweedS3
+    from hy3d_pipeline_tests.tiny_hunyuan import build_tiny_model
+
+    with tempfile.TemporaryDirectory() as tmp, SeaweedS3(data_dir=Path(tmp) / "s3") as server:
+        build_tiny_model(Path(tmp) / "models")
+        os.environ.update(server.client_env())
+        os.environ.update({"S3_IMAGES_BUCKET": "mem-images", "S3_TEMP_DIR": str(Path(tmp) / "cache"),
+                           "HY3D_GENERATOR": args.generator, "HY3DGEN_MODELS": str(Path(tmp) / "models"),
+                           "HY3D_MODEL_PATH": "tiny/Hunyuan3D-tiny", "HY3D_MODEL_SUBFOLDER": "hunyuan3d-dit-v2-0",
+                           "HY3D_OCTREE_RESOLUTION": "64", "HY3D_STEPS": "3", "HY3D_DEVICE": "cpu"})
+        server.create_buckets("mem-images")
+        from hy3d_pipeline.definitions import build_defs
+        from hy3d_pipeline.models import processing
+        from hy3d_pipeline.models.assets import image_to_model
+
+        defs = build_defs()
+        client = defs.resources["storage"].client()
+        keys = [f"m/{i:04d}.png" for i in range(args.images)]
+        for i, key in enumerate(keys):
+            client.put_object(Bucket="mem-images", Key=key, Body=png(i))
+
+        samples: list[float] = []
+        original = processing.upload_model
+
+        def recording_upload(*a, **kw):
+            out = original(*a, **kw)
+            samples.append(rss_mb())
+            return out
+
+        processing.upload_model = recording_upload
+        (Path(tmp) / "dagster").mkdir()
+        with DagsterInstance.local_temp(tempdir=str(Path(tmp) / "dagster")) as instance:
+            instance.add_dynamic_partitions("images", keys)
+            start = rss_mb()
+            result = materialize([image_to_model], instance=instance, resources=defs.resources,
+                                 tags={"dagster/asset_partition_range_start": keys[0],
+                                       "dagster/asset_partition_range_end": keys[-1]},
+                                 run_config={"loggers": {"console": {"config": {"log_level": "ERROR"}}}})
+        print(f"one run, {args.images} images, {args.generator}: success={result.success}, models={len(samples)}")
+        if len(samples) >= 10:
+            growth = samples[-1] - samples[9]
+            print(f"RSS before the run {start:.0f} MB; after image 10 {samples[9]:.0f} MB; after image "
+                  f"{len(samples)} {samples[-1]:.0f} MB; growth {growth:+.1f} MB (target <= 50 MB); "
+                  f"max {max(samples):.0f} MB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""Reliability: S3 going away mid-batch and coming back, and a run dying mid-batch then retried. Every image ends
+with a model, none is generated twice for the same ETag and settings, and no local copy is left behind."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from dagster import AssetKey, materialize
+
+from hy3d_pipeline.embedded.seaweedfs import SeaweedS3
+from hy3d_pipeline_tests.conftest import png_bytes
+
+KEYS = [f"r/{i}.png" for i in range(6)]
+
+
+@pytest.fixture
+def own_server(tmp_path, monkeypatch):
+    """A server of this test's own, so it can be stopped and started again on the same port and data."""
+    server = SeaweedS3(data_dir=tmp_path / "s3").start()
+    bucket = f"r-{uuid.uuid4().hex[:10]}"
+    server.create_buckets(bucket)
+    for name, value in server.client_env().items():
+        monkeypatch.setenv(name, value)
+    for name in ("S3_IMAGES_PREFIX", "S3_MODELS_BUCKET", "S3_MODELS_PREFIX", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("S3_IMAGES_BUCKET", bucket)
+    monkeypatch.setenv("S3_TEMP_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("S3_DOWNLOAD_TIMEOUT", "5")
+    monkeypatch.setenv("HY3D_GENERATOR", "extrude")
+    from hy3d_pipeline.s3.resources import ImageStorage
+
+    storage = ImageStorage.from_env(max_attempts=1)
+    for i, key in enumerate(KEYS):
+        storage.upload(bucket, key, png_bytes((64 + 8 * i, 64)))
+    yield server, storage
+    server.stop()
+
+
+def _count_generations(monkeypatch) -> Counter:
+    from hy3d_pipeline.models import processing
+
+    counts: Counter = Counter()
+    original = processing.generate_mesh
+
+    def counting(path, name, settings, seed_key, timer):
+        counts[seed_key] += 1
+        return original(path, name, settings, seed_key, timer)
+
+    monkeypatch.setattr(processing, "generate_mesh", counting)
+    return counts
+
+
+def _after_uploads(monkeypatch, n: int, action) -> None:
+    from hy3d_pipeline.models import processing
+
+    original, done = processing.upload_model, []
+
+    def hooked(*args, **kwargs):
+        out = original(*args, **kwargs)
+        done.append(1)
+        if len(done) == n:
+            action()
+        return out
+
+    monkeypatch.setattr(processing, "upload_model", hooked)
+
+
+def _run(instance, storage, **kwargs):
+    from hy3d_pipeline.definitions import build_defs
+    from hy3d_pipeline.models.assets import image_to_model
+
+    defs = build_defs()
+    resources = {**defs.resources, "storage": storage}
+    return materialize([image_to_model], instance=instance, resources=resources, raise_on_error=False,
+                       tags={"dagster/asset_partition_range_start": KEYS[0],
+                             "dagster/asset_partition_range_end": KEYS[-1]}, **kwargs)
+
+
+def _models(storage) -> set[str]:
+    return {key for page in storage.list_keys(storage.images_bucket, "models/") for key, _, _ in page
+            if key.endswith(".glb")}
+
+
+def test_s3_outage_mid_batch_then_back(own_server, instance, monkeypatch):
+    server, storage = own_server
+    counts = _count_generations(monkeypatch)
+
+    def outage():
+        server.stop()  # S3 disappears after the second model...
+        threading.Timer(3.0, server.start).start()  # ...and is back a few seconds later, same port and data
+
+    _after_uploads(monkeypatch, 2, outage)
+    instance.add_dynamic_partitions("images", KEYS)
+    result = _run(instance, storage)
+    assert result.success  # the step's retry policy carried it over the outage
+    assert _models(storage) == {f"models/{k}.glb" for k in KEYS}
+    assert all(counts[k] == 1 for k in KEYS), counts  # the two made before the outage were not made again
+    assert set(instance.get_materialized_partitions(AssetKey("models_3d"))) == set(KEYS)
+    assert list(Path(storage.temp_dir).iterdir()) == []
+
+
+class Killed(BaseException):
+    """Stands for the process dying: not an Exception, so nothing in the step catches it."""
+
+
+def test_run_killed_mid_batch_then_retried(own_server, instance, monkeypatch):
+    server, storage = own_server
+    counts = _count_generations(monkeypatch)
+
+    def die():
+        raise Killed()
+
+    _after_uploads(monkeypatch, 3, die)
+    instance.add_dynamic_partitions("images", KEYS)
+    first = _run(instance, storage)
+    assert not first.success  # the run died after its third model
+    assert len(_models(storage)) == 3
+    _after_uploads(monkeypatch, 10**6, lambda: None)
+    retry = _run(instance, storage)  # the re-executed range
+    assert retry.success
+    assert _models(storage) == {f"models/{k}.glb" for k in KEYS}
+    assert all(counts[k] == 1 for k in KEYS), counts  # nothing generated twice for the same ETag and settings
+    assert list(Path(storage.temp_dir).glob("*.png")) == []
