@@ -8,17 +8,18 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
-import re
-import signal
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # hy3d_pipeline_tests is not installed; run from a checkout
+    sys.path.insert(0, str(ROOT))
+
+from hy3d_pipeline_tests.dev_process import DevProcess, wait_for  # noqa: E402
 
 
 def image(i: int) -> bytes:
@@ -42,68 +43,35 @@ def main() -> None:
     parser.add_argument("--interval", type=int, default=5)
     parser.add_argument("--timeout", type=float, default=900)
     args = parser.parse_args()
-    import boto3
 
-    from hy3d_pipeline.embedded.seaweedfs import free_ports
+    with tempfile.TemporaryDirectory() as tmp, DevProcess(Path(tmp), sensor_interval=args.interval) as dev:
+        s3 = dev.s3_client()
+        wait_for(lambda: count_models(s3, "hy3d-images", "models/samples/") >= 5, 120, "the start-up samples")
+        bodies = {f"burst/{i:04d}.png": image(i) for i in range(args.images)}
+        t0 = time.time()
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda kv: s3.put_object(Bucket="hy3d-images", Key=kv[0], Body=kv[1]), bodies.items()))
+        uploaded = time.time() - t0
+        done = 0
+        while time.time() - t0 < args.timeout:
+            done = count_models(s3, "hy3d-images", "models/burst/")
+            if done >= args.images:
+                break
+            time.sleep(1)
+        dev_s = time.time() - t0
 
-    port = free_ports(1)[0]
-    with tempfile.TemporaryDirectory() as tmp:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("S3_", "AWS_", "HY3D", "DAGSTER_HOME"))}
-        env["HY3D_SENSOR_INTERVAL"] = str(args.interval)
-        log = open(Path(tmp) / "dev.log", "w")
-        proc = subprocess.Popen([sys.executable, "-m", "hy3d_pipeline.cli", "dev", "--port", str(port)], cwd=tmp,
-                                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            deadline = time.time() + 120
-            while time.time() < deadline:
-                text = (Path(tmp) / "dev.log").read_text()
-                try:
-                    urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=2).close()
-                    if "embedded S3" in text:
-                        break
-                except OSError:
-                    pass
-                time.sleep(0.5)
-            endpoint = re.search(r"embedded S3 \(SeaweedFS\) at (http://127\.0\.0\.1:\d+)", text).group(1)
-            creds = json.loads((Path(tmp) / ".hy3d" / "embedded-credentials.json").read_text())
-            s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
-                              aws_access_key_id=creds["access_key"], aws_secret_access_key=creds["secret_key"])
-            while count_models(s3, "hy3d-images", "models/samples/") < 5:  # the start-up samples are done
-                time.sleep(0.5)
-            bodies = {f"burst/{i:04d}.png": image(i) for i in range(args.images)}
-            t0 = time.time()
-            with ThreadPoolExecutor(8) as pool:
-                list(pool.map(lambda kv: s3.put_object(Bucket="hy3d-images", Key=kv[0], Body=kv[1]), bodies.items()))
-            uploaded = time.time() - t0
-            done = 0
-            while time.time() - t0 < args.timeout:
-                done = count_models(s3, "hy3d-images", "models/burst/")
-                if done >= args.images:
-                    break
-                time.sleep(1)
-            dev_s = time.time() - t0
+        # the floor: the same work in one process, one plain loop, same server and generator
+        os.environ.update({**dev.s3_env(), "S3_MODELS_PREFIX": "floor/", "HY3D_GENERATOR": "extrude",
+                           "S3_TEMP_DIR": str(Path(tmp) / "floor-cache")})
+        from hy3d_pipeline.models.processing import process_object
+        from hy3d_pipeline.models.resources import GeneratorResource
+        from hy3d_pipeline.s3.resources import ImageStorage
 
-            # the floor: the same work in one process, one plain loop, same server and generator
-            os.environ.update({"S3_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": creds["access_key"],
-                               "AWS_SECRET_ACCESS_KEY": creds["secret_key"], "S3_IMAGES_BUCKET": "hy3d-images",
-                               "S3_MODELS_PREFIX": "floor/", "HY3D_GENERATOR": "extrude",
-                               "S3_TEMP_DIR": str(Path(tmp) / "floor-cache")})
-            from hy3d_pipeline.models.processing import process_object
-            from hy3d_pipeline.models.resources import GeneratorResource
-            from hy3d_pipeline.s3.resources import ImageStorage
-
-            storage, settings = ImageStorage.from_env(), GeneratorResource.from_env().settings()
-            t1 = time.time()
-            with ThreadPoolExecutor(1) as pool:  # one worker: the plain loop
-                for key in bodies:
-                    process_object(storage, storage.head("hy3d-images", key), key, settings)
-            floor_s = time.time() - t1
-        finally:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+        storage, settings = ImageStorage.from_env(), GeneratorResource.from_env().settings()
+        t1 = time.time()
+        for key in bodies:
+            process_object(storage, storage.head("hy3d-images", key), key, settings)
+        floor_s = time.time() - t1
     print(f"{args.images} images uploaded in {uploaded:.1f} s; models for {done}/{args.images} after {dev_s:.1f} s "
           f"under `hy3d-pipeline dev` (sensor interval {args.interval} s): {dev_s / args.images:.3f} s/image")
     print(f"floor (plain loop, one process): {floor_s:.1f} s, {floor_s / args.images:.3f} s/image")

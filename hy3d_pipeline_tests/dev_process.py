@@ -1,0 +1,103 @@
+"""`hy3d-pipeline dev` as a child process in a scratch folder, for the tests and benches that drive it the way a
+person would: the UI over GraphQL, the embedded S3 with its own credentials, and a Ctrl-C at the end."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float, what: str, every: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception:  # noqa: BLE001 - not up yet
+            pass
+        time.sleep(every)
+    raise TimeoutError(f"timed out waiting for {what}")
+
+
+class DevProcess:
+    """Start with `with DevProcess(folder, sensor_interval=2) as dev:`; stopped with SIGINT on exit."""
+
+    def __init__(self, folder: Path, sensor_interval: int = 2, env: dict[str, str] | None = None) -> None:
+        self.folder, self.port = Path(folder), free_port()
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("S3_", "AWS_", "HY3D", "DAGSTER_HOME"))}
+        self.env["HY3D_SENSOR_INTERVAL"] = str(sensor_interval)
+        self.env["PYTHONPATH"] = str(ROOT) + os.pathsep + self.env.get("PYTHONPATH", "")
+        self.env.update(env or {})
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def log_path(self) -> Path:
+        return self.folder / "dev.log"
+
+    def __enter__(self) -> "DevProcess":
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "w+")
+        self.proc = subprocess.Popen([sys.executable, "-m", "hy3d_pipeline.cli", "dev", "--port", str(self.port)],
+                                     cwd=self.folder, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        wait_for(lambda: self.graphql("{ version }"), 120, "the Dagster UI")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def stop(self, timeout: float = 60) -> int | None:
+        if self.proc is None:
+            return None
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+    def graphql(self, query: str) -> dict:
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}/graphql",
+                                     data=json.dumps({"query": query}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return json.load(resp)["data"]
+
+    def partitions(self) -> dict[str, list[str]]:
+        data = self.graphql("{ assetNodes { assetKey { path } partitionKeys } }")
+        return {"/".join(n["assetKey"]["path"]): n["partitionKeys"] for n in data["assetNodes"]}
+
+    def s3_env(self) -> dict[str, str]:
+        """Endpoint and credentials of the embedded S3 this dev process started."""
+        text = wait_for(lambda: (t := self.log_path.read_text()) and "embedded S3" in t and t, 60, "embedded S3")
+        endpoint = re.search(r"embedded S3 \(SeaweedFS\) at (http://127\.0\.0\.1:\d+)", text).group(1)
+        creds = json.loads((self.folder / ".hy3d" / "embedded-credentials.json").read_text())
+        return {"S3_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": creds["access_key"],
+                "AWS_SECRET_ACCESS_KEY": creds["secret_key"], "S3_IMAGES_BUCKET": "hy3d-images"}
+
+    def s3_client(self):
+        import boto3
+
+        env = self.s3_env()
+        return boto3.client("s3", endpoint_url=env["S3_ENDPOINT_URL"], region_name="us-east-1",
+                            aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                            aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
