@@ -17,7 +17,6 @@ Where the data comes from:
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
 import hashlib
 import html

@@ -97,3 +97,44 @@ def moto_server(tmp_path_factory):
     yield url
     proc.terminate()
     proc.wait(10)
+
+
+class Ticker:
+    """Evaluates the sensor like the daemon: records its partitions and events, and commits the cursor."""
+
+    def __init__(self, instance):
+        from hy3d_pipeline.definitions import build_defs
+
+        self.instance, self.defs, self.cursor = instance, build_defs(), None
+
+    def __call__(self, commit: bool = True):
+        from hy3d_pipeline.embedded.demo import apply_sensor_records, tick
+
+        data = tick(self.defs, self.instance, self.cursor)
+        apply_sensor_records(self.instance, data)
+        if commit:
+            self.cursor = data.cursor
+        return data
+
+    def requested(self, data) -> list[str]:
+        """Every partition key the tick's run requests cover, expanding ranges."""
+        from hy3d_pipeline.images.planner import RANGE_END_TAG, RANGE_START_TAG
+
+        order = self.instance.get_dynamic_partitions("images")
+        keys = []
+        for r in data.run_requests:
+            if r.partition_key:
+                keys.append(r.partition_key)
+            else:
+                a, b = order.index(r.tags[RANGE_START_TAG]), order.index(r.tags[RANGE_END_TAG])
+                keys.extend(order[a:b + 1])
+        return keys
+
+
+@pytest.fixture
+def ticker(s3_env, instance):
+    return Ticker(instance)
+
+
+def put(s3, bucket, key, body=b"img"):
+    s3.put_object(Bucket=bucket, Key=key, Body=body)

@@ -4,7 +4,6 @@ with a model, none is generated twice for the same ETag and settings, and no loc
 from __future__ import annotations
 
 import threading
-import time
 import uuid
 from collections import Counter
 from pathlib import Path

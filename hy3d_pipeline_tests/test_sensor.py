@@ -6,45 +6,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from hy3d_pipeline.definitions import build_defs
-from hy3d_pipeline.embedded.demo import apply_sensor_records, tick
 from hy3d_pipeline.images.partitions import partition_key_for, relative_key_for
-from hy3d_pipeline.images.planner import RANGE_END_TAG, RANGE_START_TAG, SHARDS, Cursor
-
-
-class Ticker:
-    """Evaluates the sensor like the daemon: applies partition additions and commits the cursor."""
-
-    def __init__(self, instance):
-        self.instance, self.defs, self.cursor = instance, build_defs(), None
-
-    def __call__(self, commit: bool = True):
-        data = tick(self.defs, self.instance, self.cursor)
-        apply_sensor_records(self.instance, data)
-        if commit:
-            self.cursor = data.cursor
-        return data
-
-    def requested(self, data) -> list[str]:
-        """Every partition key the tick's run requests cover, expanding ranges."""
-        order = self.instance.get_dynamic_partitions("images")
-        keys = []
-        for r in data.run_requests:
-            if r.partition_key:
-                keys.append(r.partition_key)
-            else:
-                a, b = order.index(r.tags[RANGE_START_TAG]), order.index(r.tags[RANGE_END_TAG])
-                keys.extend(order[a:b + 1])
-        return keys
-
-
-@pytest.fixture
-def ticker(s3_env, instance):
-    return Ticker(instance)
-
-
-def put(s3, bucket, key, body=b"img"):
-    s3.put_object(Bucket=bucket, Key=key, Body=body)
+from hy3d_pipeline.definitions import build_defs
+from hy3d_pipeline.images.planner import SHARDS, Cursor
+from hy3d_pipeline_tests.conftest import put
 
 
 def test_new_images_become_partitions_and_runs(ticker, s3, storage, monkeypatch):

@@ -14,7 +14,7 @@ import boto3
 import pytest
 
 from hy3d_pipeline.definitions import build_defs
-from hy3d_pipeline_tests.test_sensor import Ticker
+from hy3d_pipeline_tests.conftest import Ticker
 
 
 @pytest.fixture

@@ -6,8 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from dagster import AssetKey, AssetRecordsFilter
 
-from hy3d_pipeline_tests.test_sensor import Ticker, put  # noqa: F401 - shared helpers
-from hy3d_pipeline_tests.test_sensor import ticker  # noqa: F401 - fixture
+from hy3d_pipeline_tests.conftest import put
 
 
 def observations(instance, partition):

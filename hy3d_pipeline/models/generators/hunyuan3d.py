@@ -14,7 +14,6 @@ Importing hy3dgen's shape pipeline costs seconds (torch, diffusers, transformers
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import threading
