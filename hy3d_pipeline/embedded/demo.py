@@ -60,8 +60,7 @@ def download_model(storage, model_key: str):
 
     path = output_dir().absolute() / model_key
     path.parent.mkdir(parents=True, exist_ok=True)
-    body = storage.client().get_object(Bucket=storage.models_bucket_name, Key=model_key)["Body"].read()
-    path.write_bytes(body)
+    path.write_bytes(storage.read(storage.models_bucket_name, model_key) or b"")
     return path
 
 
