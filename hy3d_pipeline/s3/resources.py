@@ -189,10 +189,12 @@ class ImageStorage(S3Resource):
         try:
             return self.client().head_object(Bucket=bucket, Key=key)
         except Exception as exc:  # noqa: BLE001
-            err = self._fail(exc, bucket, key)
+            # absence is the expected answer here: a bare 404 needs no second request to explain it (a missing
+            # bucket still surfaces, by name, when the model is uploaded)
+            err = translate(exc, bucket, key, endpoint=self.endpoint_url)
             if err.code == "NoSuchKey":
                 return None
-            raise err from exc
+            raise self._fail(exc, bucket, key) from exc
 
     def list_keys(self, bucket: str, prefix: str = "", start_after: str = "") -> Iterator[list[tuple[str, str, int]]]:
         """Pages of (key, etag, size) under `prefix`, in key order, resuming after `start_after`."""
