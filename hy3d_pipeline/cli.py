@@ -1,4 +1,4 @@
-"""The `hy3d-pipeline` command: `demo`, `dev`, `generate` for one image, `report`, and `fetch-weights`."""
+"""The `hy3d-pipeline` command: `demo`, `dev`, `worker`, `generate` for one image, `report`, and `fetch-weights`."""
 
 from __future__ import annotations
 
@@ -14,6 +14,10 @@ def main(argv: list[str] | None = None) -> int:
     dev = sub.add_parser("dev", help="embedded default + Dagster UI and daemon on 127.0.0.1")
     dev.add_argument("--host", default="127.0.0.1")
     dev.add_argument("--port", type=int, default=3000)
+    worker = sub.add_parser("worker", help="a long-lived generation worker (Celery) on HY3D_WORKER_QUEUE")
+    worker.add_argument("--concurrency", "-c", type=int, default=1,
+                        help="pool processes, each with its own warm generator (one per GPU): default %(default)s")
+    worker.add_argument("--loglevel", default="INFO")
     gen = sub.add_parser("generate", help="generate one model from a local path or S3 URL")
     gen.add_argument("image")
     gen.add_argument("--format", default="glb", choices=["glb", "obj", "ply", "stl"])
@@ -35,6 +39,10 @@ def main(argv: list[str] | None = None) -> int:
         from hy3d_pipeline.embedded.dev import run_dev
 
         return run_dev(args.host, args.port)
+    if args.command == "worker":
+        from hy3d_pipeline.fleet.workers import run_worker
+
+        return run_worker(args.concurrency, args.loglevel)
     if args.command == "generate":
         from hy3d_pipeline.core import generate_3d_from_image_core
 

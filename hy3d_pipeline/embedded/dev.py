@@ -1,4 +1,6 @@
-"""`hy3d-pipeline dev`: the embedded default plus the Dagster UI and daemon on 127.0.0.1.
+"""`hy3d-pipeline dev`: the embedded default plus the Dagster UI and daemon on 127.0.0.1, and a warm generation
+worker of its own (the same Celery worker a fleet runs, on a broker folder under HY3D_HOME) unless HY3D_BROKER_URL
+names a fleet's broker: then runs wait for `hy3d-pipeline worker` processes, which may run anywhere.
 
 `dagster dev` started from a non-interactive shell ignores SIGINT and SIGTERM, so it is launched with SIGINT's
 default handler restored and in its own session; on exit we signal it by pid, then stop SeaweedFS.
@@ -44,6 +46,19 @@ def run_dev(host: str = "127.0.0.1", port: int = 3000, out=print) -> int:
             preexec_fn=_restore_sigint, start_new_session=True,
         )
         stack.callback(stop_process, proc)
+        children = [proc]
+        if not os.getenv("HY3D_BROKER_URL", "").strip():
+            log = open(home.parent / "worker.log", "ab")
+            worker = subprocess.Popen([sys.executable, "-m", "hy3d_pipeline.cli", "worker", "--concurrency", "1"],
+                                      stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            log.close()
+            stack.callback(stop_process, worker, 30.0)
+            children.append(worker)
+            out(f"generation worker started (pid {worker.pid}, log {home.parent / 'worker.log'}); it keeps the "
+                "model warm across runs")
+        else:
+            out("HY3D_BROKER_URL is set: runs wait for `hy3d-pipeline worker` processes on queue "
+                f"{os.getenv('HY3D_WORKER_QUEUE') or 'gpu'}")
         previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
         escalation = [signal.SIGINT, signal.SIGTERM, signal.SIGKILL]
 
@@ -51,8 +66,9 @@ def run_dev(host: str = "127.0.0.1", port: int = 3000, out=print) -> int:
             # only signal here: waiting inside a handler that interrupted proc.wait() deadlocks on Popen's lock.
             # Each further Ctrl-C escalates, for a child that does not stop.
             sig = escalation.pop(0) if len(escalation) > 1 else escalation[0]
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, sig) if sig == signal.SIGKILL else proc.send_signal(sig)
+            for child in children:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(child.pid, sig) if sig == signal.SIGKILL else child.send_signal(sig)
 
         for s in previous:
             signal.signal(s, _forward)

@@ -16,16 +16,6 @@ from hy3d_pipeline.embedded.seaweedfs import SeaweedS3
 EMBEDDED_BUCKET = "hy3d-images"
 SAMPLES_PREFIX = "samples/"
 
-DAGSTER_YAML = """\
-# written by hy3d-pipeline for the embedded default
-telemetry:
-  enabled: false
-concurrency:
-  pools:
-    default_limit: {gpu_slots}
-  runs:
-    max_concurrent_runs: {max_runs}
-"""
 
 
 def hy3d_home() -> Path:
@@ -76,16 +66,10 @@ def upload_samples(storage) -> list[str]:
 
 
 def prepare_dagster_home(home: Path | None = None) -> Path:
-    """DAGSTER_HOME for the embedded default, with the `gpu` pool limited to one slot."""
-    if os.getenv("DAGSTER_HOME"):
-        return Path(os.environ["DAGSTER_HOME"])
-    path = (home or hy3d_home()) / "dagster"
-    path.mkdir(parents=True, exist_ok=True)
-    config = path / "dagster.yaml"
-    if not config.exists():
-        config.write_text(DAGSTER_YAML.format(gpu_slots=int(os.getenv("HY3D_GPU_SLOTS", "1")), max_runs=4))
-    os.environ["DAGSTER_HOME"] = str(path)
-    return path
+    """DAGSTER_HOME for `demo`, `dev`, `worker` and `report` (see fleet/instance.py)."""
+    from hy3d_pipeline.fleet.instance import prepare_dagster_home as prepare
+
+    return prepare(home)
 
 
 def enter_embedded_default(stack, out=print) -> Path:

@@ -1,0 +1,140 @@
+"""The Dagster home that `demo`, `dev` and `worker` prepare: one dagster.yaml for the laptop and the fleet.
+
+It refers to the environment (`{env: DAGSTER_PG_URL}`, `{env: HY3D_BROKER_URL}`) rather than copying values,
+so it loads in any process that has the same environment variables and never holds a password. What it sets
+up, and why:
+- storage: SQLite in the home folder, or Postgres when DAGSTER_PG_URL is set (any URL form; see postgres.py);
+- runs go to long-lived generation workers (launcher.py) that keep the model warm across runs;
+- the `gpu` pool limits steps, not runs (`granularity: op`), and lets as many runs as there are slots wait
+  launched (`op_granularity_run_buffer`), so the next batch's launch overlaps the current batch's work instead
+  of starting only once it ends; the queue is looked at every second rather than every five;
+- run monitoring notices a run whose worker died, marks it failed and frees its pool slot; run retries then
+  launch it again (only for crashed workers: failed images are retried inside the step, per image).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+HEADER = "# written by hy3d-pipeline; delete this line to keep your own edits"
+
+_STORAGE_SQLITE = """\
+storage:
+  sqlite:
+    base_dir: {base_dir}
+"""
+
+# dagster-postgres's own classes, with the URL normalised and a connection pool (see postgres.py)
+_STORAGE_POSTGRES = """\
+run_storage:
+  module: hy3d_pipeline.fleet.postgres
+  class: RunStorage
+  config:
+    postgres_url: {{env: DAGSTER_PG_URL}}
+event_log_storage:
+  module: hy3d_pipeline.fleet.postgres
+  class: EventLogStorage
+  config:
+    postgres_url: {{env: DAGSTER_PG_URL}}
+schedule_storage:
+  module: hy3d_pipeline.fleet.postgres
+  class: ScheduleStorage
+  config:
+    postgres_url: {{env: DAGSTER_PG_URL}}
+"""
+
+_LAUNCHER_WORKERS = """\
+run_launcher:
+  module: hy3d_pipeline.fleet.launcher
+  class: WorkerRunLauncher
+  config:
+{broker}    default_queue: {queue}
+    local_folder: {local_folder}
+"""
+
+_COMMON = """\
+telemetry:
+  enabled: false
+run_coordinator:
+  module: dagster.core.run_coordinator
+  class: QueuedRunCoordinator
+  config:
+    dequeue_interval_seconds: 1
+concurrency:
+  pools:
+    default_limit: {gpu_slots}
+    granularity: op
+    op_granularity_run_buffer: {gpu_slots}
+  runs:
+    max_concurrent_runs: {max_runs}
+run_monitoring:
+  enabled: true
+  poll_interval_seconds: 5
+  start_timeout_seconds: {start_timeout}
+  free_slots_after_run_end_seconds: 1
+run_retries:
+  enabled: true
+  max_retries: {run_retries}
+  retry_on_asset_or_op_failure: false
+"""
+
+
+def _int_env(name: str, default: int) -> int:
+    raw = os.getenv(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r}: expected a whole number") from None
+    if value < 1:
+        raise ValueError(f"{name}={raw!r}: expected 1 or more")
+    return value
+
+
+def worker_queue() -> str:
+    return os.getenv("HY3D_WORKER_QUEUE", "").strip() or "gpu"
+
+
+def instance_yaml(home: Path, launcher: str | None = None) -> str:
+    """dagster.yaml for a Dagster home at `home`, from the current environment's choices (not its values)."""
+    launcher = (launcher or os.getenv("HY3D_RUN_LAUNCHER", "") or "workers").strip().lower()
+    if launcher not in ("workers", "default"):
+        raise ValueError(f"HY3D_RUN_LAUNCHER={launcher!r}: use 'workers' (long-lived generation workers) or 'default'")
+    slots = _int_env("HY3D_GPU_SLOTS", 1)
+    parts = [HEADER + "\n"]
+    if os.getenv("DAGSTER_PG_URL", "").strip():
+        parts.append(_STORAGE_POSTGRES)
+    else:
+        parts.append(_STORAGE_SQLITE.format(base_dir=home / "storage"))
+    if launcher == "workers":
+        broker = "    broker: {env: HY3D_BROKER_URL}\n" if os.getenv("HY3D_BROKER_URL", "").strip() else ""
+        parts.append(_LAUNCHER_WORKERS.format(broker=broker, queue=worker_queue(), local_folder=home.parent / "workers"))
+    parts.append(_COMMON.format(
+        gpu_slots=slots,
+        max_runs=_int_env("HY3D_MAX_CONCURRENT_RUNS", 2 * slots + 2),
+        # a launched run waits in the workers' queue behind at most the runs the pool buffer lets through
+        start_timeout=_int_env("HY3D_RUN_START_TIMEOUT", 1800),
+        run_retries=_int_env("HY3D_RUN_RETRIES", 2),
+    ))
+    return "".join(parts)
+
+
+def prepare_dagster_home(home: Path | None = None, launcher: str | None = None) -> Path:
+    """DAGSTER_HOME (`$HY3D_HOME/dagster` unless DAGSTER_HOME is set), its dagster.yaml written or brought up
+    to date unless the user took it over (removed our header line); sets DAGSTER_HOME for this process."""
+    from hy3d_pipeline.embedded.setup import hy3d_home
+
+    path = Path(os.environ["DAGSTER_HOME"]) if os.getenv("DAGSTER_HOME") else (home or hy3d_home()) / "dagster"
+    path = path.absolute()
+    path.mkdir(parents=True, exist_ok=True)
+    config = path / "dagster.yaml"
+    wanted = instance_yaml(path, launcher)
+    current = config.read_text() if config.exists() else None
+    if current is None or (current.startswith(HEADER) and current != wanted):
+        tmp = config.with_name(f".dagster.yaml.{os.getpid()}")
+        tmp.write_text(wanted)
+        os.replace(tmp, config)
+    os.environ["DAGSTER_HOME"] = str(path)
+    return path

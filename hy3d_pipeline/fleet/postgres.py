@@ -1,0 +1,62 @@
+"""Postgres instance storage that takes the URL in whatever form the user wrote it.
+
+SQLAlchemy 2.1 maps `postgresql://` to psycopg 3, which dagster-postgres does not install, and with psycopg 3
+installed every event write fails on `NOTIFY run_events, $1`. dagster-postgres ships psycopg2, so every URL form
+(`postgres://`, `postgresql://`, `postgresql+psycopg://`) is pointed at it here.
+
+Outside the webserver dagster-postgres opens a new connection for every operation (a NullPool): a run of 8
+images spent more time connecting than working. These storages keep one pooled connection per storage instead
+(dagster-postgres's own webserver setting), which a run worker, the daemon and a Celery worker process all reuse.
+"""
+
+from __future__ import annotations
+
+import re
+
+from dagster_postgres.event_log import PostgresEventLogStorage
+from dagster_postgres.run_storage import PostgresRunStorage
+from dagster_postgres.schedule_storage import PostgresScheduleStorage
+from dagster_postgres.utils import get_token_provider_from_config, pg_url_from_config
+
+_SCHEME = re.compile(r"^(postgres|postgresql)(\+[a-z0-9_]+)?://", re.I)
+POOL_RECYCLE_S = 3600
+POOL_OVERFLOW = 4
+
+
+def psycopg2_url(url: str) -> str:
+    """The same URL with the psycopg2 driver; other schemes are returned unchanged for SQLAlchemy to refuse."""
+    return _SCHEME.sub("postgresql+psycopg2://", url.strip(), count=1)
+
+
+def redacted_url(url: str) -> str:
+    """The URL without its password, for messages."""
+    return re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", url)
+
+
+class _Pooled:
+    def _pool_connections(self) -> None:
+        # statement_timeout 0: no limit (runs write large event batches); the pool is what we want from it
+        self.optimize_for_webserver(statement_timeout=0, pool_recycle=POOL_RECYCLE_S, max_overflow=POOL_OVERFLOW)
+
+    @classmethod
+    def from_config_value(cls, inst_data, config_value):
+        storage = cls(
+            inst_data=inst_data,
+            postgres_url=psycopg2_url(pg_url_from_config(config_value)),
+            should_autocreate_tables=config_value.get("should_autocreate_tables", True),
+            token_provider=get_token_provider_from_config(config_value),
+        )
+        storage._pool_connections()
+        return storage
+
+
+class RunStorage(_Pooled, PostgresRunStorage):
+    pass
+
+
+class EventLogStorage(_Pooled, PostgresEventLogStorage):
+    pass
+
+
+class ScheduleStorage(_Pooled, PostgresScheduleStorage):
+    pass
