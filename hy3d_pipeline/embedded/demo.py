@@ -64,6 +64,19 @@ def download_model(storage, model_key: str):
     return path
 
 
+def recover_dead_runs(instance, out=print) -> list[str]:
+    """A demo killed earlier (kill -9) left its run STARTED, holding the only `gpu` slot: fail it and free the
+    slot. No daemon retries it here, so it is marked as not to be retried: the sensor requests its images again."""
+    from dagster._core.storage.tags import WILL_RETRY_TAG
+
+    from hy3d_pipeline.fleet.liveness import fail_dead_runs
+
+    failed = fail_dead_runs(instance, log=out)
+    for run_id in failed:
+        instance.add_run_tags(run_id, {WILL_RETRY_TAG: "false"})
+    return failed
+
+
 def tick(defs, instance, cursor: str | None = None):
     sensor_def = defs.resolve_sensor_def("new_images_sensor")
     context = build_sensor_context(instance=instance, resources=defs.resources, definitions=defs, cursor=cursor,
@@ -84,6 +97,7 @@ def run_demo(out=print) -> int:
         defs = build_defs()
         storage: ImageStorage = defs.resources["storage"]
         instance = stack.enter_context(DagsterInstance.get())
+        recover_dead_runs(instance, out)
         data = tick(defs, instance)
         runs, failures = execute_sensor_result(defs, instance, data)
         out(f"{runs} run(s) executed for new or changed images; {len(failures)} image(s) failed")

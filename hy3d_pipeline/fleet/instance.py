@@ -31,17 +31,17 @@ run_storage:
   module: hy3d_pipeline.fleet.postgres
   class: RunStorage
   config:
-    postgres_url: {{env: DAGSTER_PG_URL}}
+    postgres_url: {env: DAGSTER_PG_URL}
 event_log_storage:
   module: hy3d_pipeline.fleet.postgres
   class: EventLogStorage
   config:
-    postgres_url: {{env: DAGSTER_PG_URL}}
+    postgres_url: {env: DAGSTER_PG_URL}
 schedule_storage:
   module: hy3d_pipeline.fleet.postgres
   class: ScheduleStorage
   config:
-    postgres_url: {{env: DAGSTER_PG_URL}}
+    postgres_url: {env: DAGSTER_PG_URL}
 """
 
 _LAUNCHER_WORKERS = """\

@@ -14,6 +14,7 @@ from __future__ import annotations
 import socket
 
 WORKER_TAG = "hy3d/worker"  # HOST:PID of the process executing the run's step
+WORKER_RUN_TAG = "hy3d/worker_run"  # the run that set WORKER_TAG: a retried run inherits its parent's tags
 
 
 def this_host() -> str:
@@ -59,7 +60,7 @@ def _engine_pid(instance, run_id: str) -> int | None:
 
 def run_process(instance, run) -> tuple[str, int] | None:
     """(host, pid) of the process running `run`, when known."""
-    tag = run.tags.get(WORKER_TAG, "")
+    tag = run.tags.get(WORKER_TAG, "") if run.tags.get(WORKER_RUN_TAG) == run.run_id else ""
     host, _, pid = tag.rpartition(":")
     if host and pid.isdigit():
         return host, int(pid)
@@ -78,6 +79,12 @@ def run_alive(instance, run, started_at: float | None) -> bool | None:
     if found is None or found[0] != this_host():
         return None
     return process_alive(found[1], started_at)
+
+
+def mark_run_process(context) -> None:
+    """Called by the step: which process runs this run, for `fail_dead_runs` and the launcher's health check."""
+    run_id = context.run.run_id
+    context.instance.add_run_tags(run_id, {WORKER_TAG: worker_id(), WORKER_RUN_TAG: run_id})
 
 
 def fail_dead_runs(instance, log=None) -> list[str]:

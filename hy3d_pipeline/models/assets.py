@@ -189,8 +189,10 @@ def _existing_for_checks(storage: ImageStorage, info: ObjectInfo, settings, time
 )
 def image_to_model(context: AssetExecutionContext, config: ModelsRunConfig, storage: ImageStorage,
                    generator: GeneratorResource):
+    from hy3d_pipeline.fleet.liveness import mark_run_process
     from hy3d_pipeline.models.processing import process_object
 
+    mark_run_process(context)
     selected = context.selected_asset_keys
     checks = {k for k in context.selected_asset_check_keys if k.asset_key == MODELS}
     settings = generator.settings(output_format=config.output_format, texture=config.texture)
