@@ -6,6 +6,7 @@ the model is loaded inside runs.
 
 from dagster import Definitions, in_process_executor
 
+from hy3d_pipeline.fleet.sensors import dead_runs_sensor
 from hy3d_pipeline.images.sensors import new_images_sensor
 from hy3d_pipeline.models.assets import image_to_model
 from hy3d_pipeline.models.resources import GeneratorResource
@@ -20,7 +21,7 @@ def build_defs() -> Definitions:
         storage = ImageStorage.from_env(images_bucket=DEFAULT_BUCKET)
     return Definitions(
         assets=[image_to_model],
-        sensors=[new_images_sensor],
+        sensors=[new_images_sensor, dead_runs_sensor],
         resources={"storage": storage, "generator": GeneratorResource.from_env()},
         # a batch run is one step: a process per step would cost more than the work (measured: 0.2 s vs seconds)
         executor=in_process_executor,
