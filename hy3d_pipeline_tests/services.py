@@ -83,6 +83,12 @@ class PostgresServer:
                        check=True, env={**os.environ, "PGPASSWORD": self.password})
         return self
 
+    def database(self, name: str) -> str:
+        """A new empty database on this server; returns its URL."""
+        subprocess.run([_pg_tool("createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", self.user, name],
+                       check=True, env={**os.environ, "PGPASSWORD": self.password})
+        return self.url.rsplit("/", 1)[0] + "/" + name
+
     def __exit__(self, *exc) -> None:
         subprocess.run(self._as_owner([_pg_tool("pg_ctl"), "-D", str(self.data), "-m", "immediate", "stop"]),
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -1,0 +1,207 @@
+"""The same images through the fleet's engines, against a plain loop doing the same work in one process.
+
+    python3 bench/fleet.py --images 200                   # extrude backend
+
+Starts its own SeaweedFS, PostgreSQL and Redis on 127.0.0.1. Each engine variant gets a bucket of its own with the
+same `--images` PNGs and a Postgres database of its own, runs under `hy3d-pipeline dev` (webserver + daemon) and
+is timed from the first upload until every model exists:
+
+  (a) plain loop       one process: `process_object` per image (check, download, generate, export, upload), warm
+  (b) default launcher Dagster's DefaultRunLauncher (HY3D_RUN_LAUNCHER=default): a new process per run
+  (c) workers x1       WorkerRunLauncher, one `hy3d-pipeline worker` on Redis
+  (d) workers x2       the same with two workers (HY3D_GPU_SLOTS=2)
+
+For each: s/image, the ratio to (a), runs, and generator loads (the distinct `worker` values of the models_3d
+materializations and their `generator_loads`). Then the per-event cost of Dagster storage: one in-process run of
+32 images on SQLite, on Postgres through dagster-postgres as shipped (a connection per operation), and on Postgres
+through our pooled storages, each minus the plain loop over the same images.
+Timings are printed, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # hy3d_pipeline_tests is not installed; run from a checkout
+    sys.path.insert(0, str(ROOT))
+
+from hy3d_pipeline_tests.dev_process import DevProcess, wait_for  # noqa: E402
+from hy3d_pipeline_tests.services import PostgresServer, RedisServer  # noqa: E402
+
+
+def image(i: int) -> bytes:
+    import io
+
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGBA", (96 + i % 7 * 8, 96), (0, 0, 0, 0))
+    ImageDraw.Draw(img).ellipse((10, 10 + i % 5, 80, 86), fill=(40 + i % 200, 90, 200, 255))
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def count_models(s3, bucket: str) -> int:
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix="models/")
+    return sum(1 for page in pages for o in page.get("Contents", []) if o["Key"].endswith(".glb"))
+
+
+def upload(s3, bucket: str, n: int) -> None:
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda i: s3.put_object(Bucket=bucket, Key=f"img/{i:04d}.png", Body=image(i)), range(n)))
+
+
+def loads(dev) -> tuple[int, int, int]:
+    """(runs, distinct generating processes, total generator loads) from the instance."""
+    data = dev.graphql('{ runsOrError { ... on Runs { count } } assetOrError(assetKey: {path: ["models_3d"]}) '
+                       '{ ... on Asset { assetMaterializations(limit: 100000) { metadataEntries { label '
+                       '... on TextMetadataEntry { text } ... on IntMetadataEntry { intValue } } } } } }')
+    per_worker: dict[str, int] = {}
+    for m in data["assetOrError"]["assetMaterializations"]:
+        meta = {e["label"]: e.get("text", e.get("intValue")) for e in m["metadataEntries"]}
+        if "worker" in meta:
+            per_worker[meta["worker"]] = max(per_worker.get(meta["worker"], 0), int(meta.get("generator_loads", 0)))
+    return data["runsOrError"]["count"], len(per_worker), sum(per_worker.values())
+
+
+def plain_loop(s3_env: dict, bucket: str, n: int, tmp: Path, models_prefix: str = "models/") -> float:
+    from hy3d_pipeline.models.generators.base import load_generator
+    from hy3d_pipeline.models.processing import process_object
+    from hy3d_pipeline.models.resources import GeneratorResource
+    from hy3d_pipeline.s3.resources import ImageStorage
+
+    os.environ.update({**s3_env, "S3_IMAGES_BUCKET": bucket, "S3_TEMP_DIR": str(tmp / "loop-cache"),
+                       "S3_MODELS_PREFIX": models_prefix})
+    storage, settings = ImageStorage.from_env(), GeneratorResource.from_env().settings()
+    t0 = time.perf_counter()
+    load_generator(settings)  # the loop pays its one load too
+    for i in range(n):
+        key = f"img/{i:04d}.png"
+        process_object(storage, storage.head(bucket, key), key, settings)
+    return time.perf_counter() - t0
+
+
+def engine(name: str, s3_env: dict, bucket: str, n: int, tmp: Path, env: dict, workers: int, interval: int,
+           timeout: float) -> dict:
+    import subprocess
+
+    folder = tmp / name
+    env = {**s3_env, "S3_IMAGES_BUCKET": bucket, "S3_TEMP_DIR": str(folder / "cache"), **env}
+    with DevProcess(folder, sensor_interval=interval, env=env) as dev:
+        procs = []
+        for w in range(workers):
+            log = open(folder / f"worker{w}.log", "w")
+            procs.append(subprocess.Popen([sys.executable, "-m", "hy3d_pipeline.cli", "worker"], cwd=folder,
+                                          env={**dev.env, "PYTHONPATH": str(ROOT)}, stdout=log,
+                                          stderr=subprocess.STDOUT, start_new_session=True))
+        for w in range(workers):
+            wait_for(lambda: "ready" in (folder / f"worker{w}.log").read_text(), 120, f"worker {w}")
+        s3 = _client(s3_env)
+        t0 = time.perf_counter()
+        upload(s3, bucket, n)
+        wait_for(lambda: count_models(s3, bucket) >= n, timeout, f"{name}: every model", every=0.5)
+        seconds = time.perf_counter() - t0
+        runs, processes, total_loads = loads(dev)
+        for p in procs:
+            p.terminate()
+            p.wait(30)
+    return {"name": name, "seconds": seconds, "runs": runs, "processes": processes, "loads": total_loads}
+
+
+def _client(s3_env: dict):
+    import boto3
+
+    return boto3.client("s3", endpoint_url=s3_env["S3_ENDPOINT_URL"], region_name="us-east-1",
+                        aws_access_key_id=s3_env["AWS_ACCESS_KEY_ID"],
+                        aws_secret_access_key=s3_env["AWS_SECRET_ACCESS_KEY"])
+
+
+def event_cost(s3_env: dict, bucket: str, n: int, tmp: Path, pg: PostgresServer, loop_s: float) -> list[tuple[str, float]]:
+    """Seconds per image of one in-process run over `bucket`'s images, per storage, minus the plain loop's."""
+    import yaml
+    from dagster import DagsterInstance, materialize
+
+    from hy3d_pipeline.definitions import build_defs
+    from hy3d_pipeline.fleet.postgres import psycopg2_url
+    from hy3d_pipeline.models.assets import image_to_model
+
+    os.environ.update({**s3_env, "S3_IMAGES_BUCKET": bucket, "S3_MODELS_PREFIX": "models/"})
+    keys = [f"img/{i:04d}.png" for i in range(n)]
+    stock = {"storage": {"postgres": {"postgres_url": psycopg2_url(pg.database("stock"))}}}
+    pooled_url = pg.database("pooled")
+    pooled = {k: {"module": "hy3d_pipeline.fleet.postgres", "class": c, "config": {"postgres_url": pooled_url}}
+              for k, c in (("run_storage", "RunStorage"), ("event_log_storage", "EventLogStorage"),
+                           ("schedule_storage", "ScheduleStorage"))}
+    results = []
+    for label, config in (("SQLite", {}), ("Postgres, dagster-postgres as shipped", stock),
+                          ("Postgres, hy3d_pipeline.fleet.postgres", pooled)):
+        home = tmp / f"events-{len(results)}"
+        home.mkdir()
+        (home / "dagster.yaml").write_text(yaml.safe_dump(config) if config else "")
+        with DagsterInstance.from_config(str(home)) as instance:
+            instance.add_dynamic_partitions("images", keys)
+            defs = build_defs()
+            resources = {**defs.resources, "storage": defs.resources["storage"].model_copy(
+                update={"models_prefix": f"events{len(results)}/"})}
+            t0 = time.perf_counter()
+            materialize([image_to_model], instance=instance, resources=resources,
+                        tags={"dagster/asset_partition_range_start": keys[0],
+                              "dagster/asset_partition_range_end": keys[-1]})
+            results.append((label, (time.perf_counter() - t0 - loop_s) / n))
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--images", type=int, default=200)
+    parser.add_argument("--interval", type=int, default=2, help="sensor interval, s")
+    parser.add_argument("--timeout", type=float, default=1800)
+    parser.add_argument("--variants", default="default,workers1,workers2")
+    args = parser.parse_args()
+
+    from hy3d_pipeline.embedded.seaweedfs import SeaweedS3
+
+    with tempfile.TemporaryDirectory() as tmp_name, PostgresServer() as pg, RedisServer() as redis_server:
+        tmp = Path(tmp_name)
+        with SeaweedS3(data_dir=tmp / "s3") as server:
+            s3_env = {**server.client_env(), "HY3D_GENERATOR": "extrude"}
+            os.environ.update(s3_env)
+            buckets = {v: f"fleet-{v}" for v in ["loop", *args.variants.split(",")]}
+            server.create_buckets(*buckets.values())
+            upload(_client(s3_env), buckets["loop"], args.images)
+            loop_s = plain_loop(s3_env, buckets["loop"], args.images, tmp)
+            rows = [{"name": "plain loop", "seconds": loop_s, "runs": 0, "processes": 1, "loads": 1}]
+            variant_env = {
+                "default": ({"HY3D_RUN_LAUNCHER": "default"}, 0),
+                "workers1": ({"HY3D_BROKER_URL": redis_server.url.replace("/0", "/1")}, 1),
+                "workers2": ({"HY3D_BROKER_URL": redis_server.url.replace("/0", "/2"), "HY3D_GPU_SLOTS": "2"}, 2),
+            }
+            for v in args.variants.split(","):
+                env, workers = variant_env[v]
+                env = {**env, "DAGSTER_PG_URL": pg.database(f"v_{v}")}
+                rows.append(engine(v, s3_env, buckets[v], args.images, tmp, env, workers, args.interval, args.timeout))
+            print(f"\n{args.images} images, extrude backend, Postgres storage, sensor interval {args.interval} s")
+            print(f"{'variant':<18}{'s/image':>10}{'x loop':>9}{'runs':>6}{'processes':>11}{'loads':>7}")
+            for r in rows:
+                print(f"{r['name']:<18}{r['seconds'] / args.images:>10.3f}{r['seconds'] / loop_s:>9.2f}"
+                      f"{r['runs']:>6}{r['processes']:>11}{r['loads']:>7}")
+            by = {r["name"]: r for r in rows}
+            if "workers1" in by and "workers2" in by:
+                print(f"2 workers: {by['workers1']['seconds'] / by['workers2']['seconds']:.2f}x the throughput of 1")
+
+            n = min(32, args.images)
+            loop_n = plain_loop(s3_env, buckets["loop"], n, tmp, models_prefix="events-loop/")
+            print(f"\nDagster's cost per image, one in-process run of {n} images, beyond the plain loop:")
+            for label, cost in event_cost(s3_env, buckets["loop"], n, tmp, pg, loop_n):
+                print(f"  {label:<42}{cost:>8.3f} s/image")
+
+
+if __name__ == "__main__":
+    main()
