@@ -86,6 +86,22 @@ class DevProcess:
         data = self.graphql("{ assetNodes { assetKey { path } partitionKeys } }")
         return {"/".join(n["assetKey"]["path"]): n["partitionKeys"] for n in data["assetNodes"]}
 
+    def runs(self) -> list[dict]:
+        data = self.graphql("{ runsOrError { ... on Runs { results { runId status tags { key value } } } } }")
+        return [{"id": r["runId"], "status": r["status"], "tags": {t["key"]: t["value"] for t in r["tags"]}}
+                for r in data["runsOrError"]["results"]]
+
+    def materializations(self, asset: str = "models_3d") -> list[dict]:
+        """Each materialization's partition, run id and text/int metadata."""
+        data = self.graphql(f'{{ assetOrError(assetKey: {{path: ["{asset}"]}}) {{ ... on Asset {{ '
+                            'assetMaterializations(limit: 100000) { partition runId metadataEntries { label '
+                            '... on TextMetadataEntry { text } ... on IntMetadataEntry { intValue } } } } } }')
+        out = []
+        for m in data["assetOrError"]["assetMaterializations"]:
+            meta = {e["label"]: e.get("text", e.get("intValue")) for e in m["metadataEntries"]}
+            out.append({"partition": m["partition"], "run": m["runId"], **meta})
+        return out
+
     def s3_env(self) -> dict[str, str]:
         """Endpoint and credentials of the embedded S3 this dev process started."""
         text = wait_for(lambda: (t := self.log_path.read_text()) and "embedded S3" in t and t, 60, "embedded S3")

@@ -74,23 +74,6 @@ def _worker(folder: Path, env: dict[str, str], log: str) -> subprocess.Popen:
                             cwd=folder, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def _runs(dev) -> list[dict]:
-    data = dev.graphql("{ runsOrError { ... on Runs { results { runId status tags { key value } } } } }")
-    return [{"id": r["runId"], "status": r["status"], "tags": {t["key"]: t["value"] for t in r["tags"]}}
-            for r in data["runsOrError"]["results"]]
-
-
-def _materializations(dev) -> list[dict]:
-    data = dev.graphql('{ assetOrError(assetKey: {path: ["models_3d"]}) { ... on Asset { assetMaterializations('
-                       'limit: 500) { partition runId metadataEntries { label '
-                       '... on TextMetadataEntry { text } ... on IntMetadataEntry { intValue } } } } } }')
-    out = []
-    for m in data["assetOrError"]["assetMaterializations"]:
-        meta = {e["label"]: e.get("text", e.get("intValue")) for e in m["metadataEntries"]}
-        out.append({"partition": m["partition"], "run": m["runId"], **meta})
-    return out
-
-
 def _models(s3, prefix: str) -> set[str]:
     found = set()
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket="hy3d-images", Prefix="models/" + prefix):
@@ -106,7 +89,7 @@ def _upload(s3, prefix: str, n: int) -> set[str]:
 
 def _started_run_on(dev, prefix: str) -> dict:
     def find():
-        for run in _runs(dev):
+        for run in dev.runs():
             if run["status"] == "STARTED" and run["tags"].get("dagster/asset_partition_range_start", "").startswith(prefix):
                 if run["tags"].get("hy3d/worker_run") == run["id"]:
                     return run
@@ -147,11 +130,11 @@ def test_fleet_warm_workers_survive_sigkills(pg, redis_server, tmp_path):
             os.killpg(victim.pid, signal.SIGKILL)
             wait_for(lambda: _models(s3, "b/") == wanted_b, 300, "every model of batch b")
 
-            runs = _runs(dev)
+            runs = dev.runs()
             killed = {r["id"]: r["status"] for r in runs if r["id"] in (run["id"], run_b["id"])}
             assert killed == {run["id"]: "FAILURE", run_b["id"]: "FAILURE"}, killed
             assert all(r["status"] in ("SUCCESS", "FAILURE") for r in runs), runs  # nothing left hanging
-            materialized = _materializations(dev)
+            materialized = dev.materializations()
             loads = {m["worker"]: m["generator_loads"] for m in materialized}
             assert all(v == 1 for v in loads.values()), loads  # one load per worker process, however many runs
             per_worker = Counter(m["worker"] for m in materialized)
