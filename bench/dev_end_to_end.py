@@ -37,14 +37,28 @@ def count_models(s3, bucket: str, prefix: str) -> int:
     return sum(1 for page in pages for o in page.get("Contents", []) if o["Key"].endswith(".glb"))
 
 
+class _kept:
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def __enter__(self) -> str:
+        Path(self.folder).mkdir(parents=True, exist_ok=True)
+        return self.folder
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--interval", type=int, default=5)
     parser.add_argument("--timeout", type=float, default=900)
+    parser.add_argument("--folder", default=None, help="keep dev's folder (logs) here instead of a temp dir")
     args = parser.parse_args()
 
-    with tempfile.TemporaryDirectory() as tmp, DevProcess(Path(tmp), sensor_interval=args.interval) as dev:
+    with (tempfile.TemporaryDirectory() if args.folder is None else _kept(args.folder)) as tmp, \
+            DevProcess(Path(tmp), sensor_interval=args.interval) as dev:
         s3 = dev.s3_client()
         wait_for(lambda: count_models(s3, "hy3d-images", "models/samples/") >= 5, 120, "the start-up samples")
         bodies = {f"burst/{i:04d}.png": image(i) for i in range(args.images)}
@@ -61,7 +75,10 @@ def main() -> None:
         dev_s = time.time() - t0
 
         # the floor: the same work in one process, one plain loop, same server and generator
-        os.environ.update({**dev.s3_env(), "S3_MODELS_PREFIX": "floor/", "HY3D_GENERATOR": "extrude",
+        # models in a bucket of their own: in the images bucket the running sensor would take their thumbnails
+        # for new images and compete with the loop for the CPU
+        dev.s3_client().create_bucket(Bucket="hy3d-floor")
+        os.environ.update({**dev.s3_env(), "S3_MODELS_BUCKET": "hy3d-floor", "HY3D_GENERATOR": "extrude",
                            "S3_TEMP_DIR": str(Path(tmp) / "floor-cache")})
         from hy3d_pipeline.models.processing import process_object
         from hy3d_pipeline.models.resources import GeneratorResource

@@ -137,4 +137,10 @@ def prepare_dagster_home(home: Path | None = None, launcher: str | None = None) 
         tmp.write_text(wanted)
         os.replace(tmp, config)
     os.environ["DAGSTER_HOME"] = str(path)
+    # create the storage's tables here, once: the webserver, daemon, code server and worker all start at the same
+    # moment next, and SQLite tables created by several of them at once end with two alembic heads
+    from dagster import DagsterInstance
+
+    with DagsterInstance.get():
+        pass
     return path
