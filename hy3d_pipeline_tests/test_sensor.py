@@ -121,3 +121,22 @@ def test_escaped_key_processed(ticker, s3, storage):
 
 def test_cursor_is_small():
     assert len(Cursor(seq=10**9, shards=[2**64 - 1] * SHARDS, reconciled_at=1e9, pending=[10**9]).dump()) < 64 * 1024
+
+
+def test_bursts_get_bigger_batches(ticker, s3, storage, monkeypatch):
+    """A big backlog goes in bigger runs (fewer per-run costs), bounded by HY3D_MAX_BATCH_SIZE."""
+    monkeypatch.setenv("HY3D_BATCH_SIZE", "8")
+    b = storage.images_bucket
+    keys = [f"big/{i:03d}.png" for i in range(100)]
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda k: put(s3, b, k), keys))
+    data = ticker()
+    sizes = [int(r.tags.get("hy3d/batch_size", 1)) for r in data.run_requests]
+    assert sorted(ticker.requested(data)) == keys
+    assert all(8 <= n <= 32 for n in sizes) and len(sizes) >= 4
+    assert len(sizes) < 13  # fewer runs than ceil(100 / 8)
+    for i in range(5):
+        put(s3, b, f"small/{i}.png")
+    small = ticker()
+    assert sorted(ticker.requested(small)) == [f"small/{i}.png" for i in range(5)]
+    assert all(int(r.tags.get("hy3d/batch_size", 1)) <= 8 for r in small.run_requests)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import math
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +36,17 @@ _MASK = (1 << 64) - 1
 
 def batch_size() -> int:
     return max(1, int(os.getenv("HY3D_BATCH_SIZE", "8") or 8))
+
+
+def max_batch_size() -> int:
+    return max(1, int(os.getenv("HY3D_MAX_BATCH_SIZE", "32") or 32))
+
+
+def burst_batch_size(backlog: int, base: int) -> int:
+    """Images per run for a backlog: per-run costs (launch, process start, model load) are paid per run, so a big
+    backlog gets bigger runs, up to HY3D_MAX_BATCH_SIZE; a quarter of the backlog per run keeps a few runs to
+    share between workers. Never below `base` (HY3D_BATCH_SIZE), so small bursts keep their latency."""
+    return max(base, min(math.ceil(backlog / 4), max_batch_size()))
 
 
 def max_images_per_tick() -> int:
@@ -190,6 +202,7 @@ def plan_tick(instance, cursor: Cursor | None, observed: Observed, size: int, li
 
     catalog.set({**{k: etags[k] for k in todo}, **{k: DELETED for k in deleted}}, seq)
     new_keys = [k for k in todo if k not in existing_set]
+    size = burst_batch_size(len(todo), size)
     if observed.complete:
         order = [k for k in existing if k not in set(deleted) or deleted_policy() == "mark"] + new_keys
         batches = contiguous_batches(todo, order, size)
