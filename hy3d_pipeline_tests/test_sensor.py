@@ -140,3 +140,26 @@ def test_bursts_get_bigger_batches(ticker, s3, storage, monkeypatch):
     small = ticker()
     assert sorted(ticker.requested(small)) == [f"small/{i}.png" for i in range(5)]
     assert all(int(r.tags.get("hy3d/batch_size", 1)) <= 8 for r in small.run_requests)
+
+
+
+@pytest.mark.parametrize("images_prefix, models_prefix", [("", ""), ("in/", ""), ("models/in/", "models/"),
+                                                           ("models/", "models/")])
+def test_layout_where_outputs_become_inputs_is_refused(ticker, s3, storage, monkeypatch, s3_env, images_prefix,
+                                                        models_prefix):
+    monkeypatch.setenv("S3_IMAGES_PREFIX", images_prefix)
+    monkeypatch.setenv("S3_MODELS_PREFIX", models_prefix)
+    put(s3, storage.images_bucket, f"{images_prefix}a.png")
+    put(s3, storage.images_bucket, f"{models_prefix}{images_prefix}a.png.glb.thumb.png")  # what a model run leaves
+    ticker.defs = build_defs()
+    with pytest.raises(Exception, match="S3_MODELS_PREFIX") as info:
+        ticker()
+    assert "S3_IMAGES_PREFIX" in str(info.value) and "separate" in str(info.value)
+    assert ticker.instance.get_dynamic_partitions("images") == []
+    # the same prefixes with the models in a bucket of their own are sound
+    models = s3_env["bucket"] + "-m"
+    s3_env["server"].create_buckets(models)
+    monkeypatch.setenv("S3_MODELS_BUCKET", models)
+    s3.delete_object(Bucket=storage.images_bucket, Key=f"{models_prefix}{images_prefix}a.png.glb.thumb.png")
+    ticker.defs = build_defs()
+    assert ticker.requested(ticker()) == ["a.png"]

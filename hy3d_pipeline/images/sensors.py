@@ -79,6 +79,11 @@ def observe_events(context, storage: ImageStorage, cursor: Cursor | None, url: s
     "image extension are skipped; deleted sources are marked, their models kept.",
 )
 def new_images_sensor(context: SensorEvaluationContext, storage: ImageStorage):
+    # refused here rather than at import: `import hy3d_pipeline` (the seed API, the client) must keep working,
+    # while a failing tick shows the reason in the UI and the daemon log, and requests nothing
+    problem = storage.layout_problem()
+    if problem:
+        raise ValueError(problem)
     cursor = Cursor.load(context.cursor)
     url = events.queue_url()
     batch = None
