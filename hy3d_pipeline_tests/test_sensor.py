@@ -163,3 +163,24 @@ def test_layout_where_outputs_become_inputs_is_refused(ticker, s3, storage, monk
     s3.delete_object(Bucket=storage.images_bucket, Key=f"{models_prefix}{images_prefix}a.png.glb.thumb.png")
     ticker.defs = build_defs()
     assert ticker.requested(ticker()) == ["a.png"]
+
+
+
+def test_cursor_reset_then_new_image_requests_only_it(ticker, s3, storage):
+    """After a reset the tick numbers must not restart below those of the rows already written, or those rows
+    look written by an uncommitted tick and are requested again when their shard is next looked at."""
+    from hy3d_pipeline.images.planner import shard_of
+
+    b = storage.images_bucket
+    put(s3, b, "old.png")
+    put(s3, b, "other.png")
+    for _ in range(4):  # the cursor's tick number climbs past the rows' (rows at tick 1)
+        ticker()
+    put(s3, b, "old.png", b"changed")  # its row now carries tick 5
+    assert ticker.requested(ticker()) == ["old.png"]
+    ticker.cursor = None  # the sensor is reset in the UI
+    assert ticker().run_requests == []
+    # a new image in the same shard as old.png, so the next tick looks old.png's row up again
+    new = next(k for k in (f"new-{i}.png" for i in range(100000)) if shard_of(k) == shard_of("old.png"))
+    put(s3, b, new)
+    assert ticker.requested(ticker()) == [new]

@@ -7,7 +7,9 @@ a tick looks rows up only for shards whose listing changed.
 
 A row records the tick sequence number that wrote it. Rows written by a tick whose cursor was never committed
 (the daemon died between evaluating the sensor and submitting its runs) carry a sequence number above the
-committed cursor's, and are treated as not yet requested, so such a crash loses nothing.
+committed cursor's, and are treated as not yet requested, so such a crash loses nothing. Tick numbers never go
+back: the highest one written is kept too, and a sensor whose cursor was reset (in the UI) numbers its ticks
+above it, or every row written before the reset would look uncommitted once the cursor is committed again.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from collections.abc import Iterable, Mapping
 
 _NAMESPACE = "hy3d/images/"
 DELETED = "~deleted"  # the ETag recorded for a source object seen deleted (never a real ETag: has no quotes/hex)
+_HIGH = "hy3d/images-tick-high"  # outside _NAMESPACE: no partition key can collide with it
 _CHUNK = 500  # stays under SQLite's bound-variable limit on every version
 
 
@@ -34,7 +37,13 @@ class RequestedImages:
                 found[row_key[len(self._ns):]] = (etag, int(seq or 0))
         return found
 
+    def high_seq(self) -> int:
+        """The highest tick number any row was written with (0 when none)."""
+        return int(self._storage.get_cursor_values({_HIGH}).get(_HIGH) or 0)
+
     def set(self, etags: Mapping[str, str], seq: int) -> None:
+        if seq > self.high_seq():
+            self._storage.set_cursor_values({_HIGH: str(seq)})
         items = list(etags.items())
         for i in range(0, len(items), _CHUNK):
             chunk = dict(items[i:i + _CHUNK])

@@ -162,7 +162,7 @@ class Plan:
 def plan_tick(instance, cursor: Cursor | None, observed: Observed, size: int, limit: int | None = None) -> Plan:
     catalog = RequestedImages(instance)
     committed_seq = cursor.seq if cursor else None
-    seq = (cursor.seq if cursor else 0) + 1
+    seq = (cursor.seq if cursor else catalog.high_seq()) + 1
     next_cursor = Cursor(seq=seq, shards=list(cursor.shards) if cursor else [],
                          reconciled_at=cursor.reconciled_at if cursor else 0.0)
     etags = observed.etags
