@@ -102,8 +102,12 @@ def new_images_sensor(context: SensorEvaluationContext, storage: ImageStorage):
     if plan.result is None:
         context.update_cursor(cursor_text)
         return SkipReason(f"no new or changed images among {seen}")
-    context.log.info(f"{seen}: {len(plan.requested)} requested in {len(plan.result.run_requests)} run(s), "
-                     f"{plan.deferred} deferred to the next tick, {len(plan.deleted)} deleted")
+    for key, failure in plan.gave_up.items():
+        context.log.warning(f"giving up on image {key!r} (ETag {failure['etag']}): no model after "
+                            f"{failure['attempts']} run(s), the last {failure['last_run_id']}")
+    context.log.info(f"{seen}: {len(plan.requested)} requested in {len(plan.result.run_requests)} run(s) "
+                     f"({len(plan.retried)} again after an unfinished run), {plan.deferred} deferred to the next "
+                     f"tick, {len(plan.deleted)} deleted, {len(plan.gave_up)} given up")
     return SensorResult(run_requests=plan.result.run_requests, cursor=cursor_text,
                         dynamic_partitions_requests=plan.result.dynamic_partitions_requests,
                         asset_events=plan.result.asset_events)
