@@ -121,3 +121,66 @@ def test_escaped_key_processed(ticker, s3, storage):
 
 def test_cursor_is_small():
     assert len(Cursor(seq=10**9, shards=[2**64 - 1] * SHARDS, reconciled_at=1e9, pending=[10**9]).dump()) < 64 * 1024
+
+
+def test_bursts_get_bigger_batches(ticker, s3, storage, monkeypatch):
+    """A big backlog goes in bigger runs (fewer per-run costs), bounded by HY3D_MAX_BATCH_SIZE."""
+    monkeypatch.setenv("HY3D_BATCH_SIZE", "8")
+    b = storage.images_bucket
+    keys = [f"big/{i:03d}.png" for i in range(100)]
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda k: put(s3, b, k), keys))
+    data = ticker()
+    sizes = [int(r.tags.get("hy3d/batch_size", 1)) for r in data.run_requests]
+    assert sorted(ticker.requested(data)) == keys
+    assert all(8 <= n <= 32 for n in sizes) and len(sizes) >= 4
+    assert len(sizes) < 13  # fewer runs than ceil(100 / 8)
+    for i in range(5):
+        put(s3, b, f"small/{i}.png")
+    small = ticker()
+    assert sorted(ticker.requested(small)) == [f"small/{i}.png" for i in range(5)]
+    assert all(int(r.tags.get("hy3d/batch_size", 1)) <= 8 for r in small.run_requests)
+
+
+
+@pytest.mark.parametrize("images_prefix, models_prefix", [("", ""), ("in/", ""), ("models/in/", "models/"),
+                                                           ("models/", "models/")])
+def test_layout_where_outputs_become_inputs_is_refused(ticker, s3, storage, monkeypatch, s3_env, images_prefix,
+                                                        models_prefix):
+    monkeypatch.setenv("S3_IMAGES_PREFIX", images_prefix)
+    monkeypatch.setenv("S3_MODELS_PREFIX", models_prefix)
+    put(s3, storage.images_bucket, f"{images_prefix}a.png")
+    put(s3, storage.images_bucket, f"{models_prefix}{images_prefix}a.png.glb.thumb.png")  # what a model run leaves
+    ticker.defs = build_defs()
+    with pytest.raises(Exception, match="S3_MODELS_PREFIX") as info:
+        ticker()
+    assert "S3_IMAGES_PREFIX" in str(info.value) and "separate" in str(info.value)
+    assert ticker.instance.get_dynamic_partitions("images") == []
+    # the same prefixes with the models in a bucket of their own are sound
+    models = s3_env["bucket"] + "-m"
+    s3_env["server"].create_buckets(models)
+    monkeypatch.setenv("S3_MODELS_BUCKET", models)
+    s3.delete_object(Bucket=storage.images_bucket, Key=f"{models_prefix}{images_prefix}a.png.glb.thumb.png")
+    ticker.defs = build_defs()
+    assert ticker.requested(ticker()) == ["a.png"]
+
+
+
+def test_cursor_reset_then_new_image_requests_only_it(ticker, s3, storage):
+    """After a reset the tick numbers must not restart below those of the rows already written, or those rows
+    look written by an uncommitted tick and are requested again when their shard is next looked at."""
+    from hy3d_pipeline.images.planner import shard_of
+
+    b = storage.images_bucket
+    put(s3, b, "old.png")
+    put(s3, b, "other.png")
+    for _ in range(4):  # the cursor's tick number climbs past the rows' (rows at tick 1)
+        ticker()
+    put(s3, b, "old.png", b"changed")  # its row now carries tick 5
+    assert ticker.requested(ticker()) == ["old.png"]
+    ticker.cursor = None  # the sensor is reset in the UI
+    assert ticker().run_requests == []
+    # a new image in the same shard as old.png, so the next tick looks old.png's row up again
+    new = next(k for k in (f"new-{i}.png" for i in range(100000)) if shard_of(k) == shard_of("old.png"))
+    put(s3, b, new)
+    assert ticker.requested(ticker()) == [new]

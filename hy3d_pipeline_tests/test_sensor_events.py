@@ -100,11 +100,69 @@ def test_reconcile_listing_catches_what_the_queue_missed(events_env, monkeypatch
     assert ticker.requested(ticker()) == ["missed.png"]
 
 
-def test_test_event_and_garbage_are_ignored(events_env):
+def test_test_event_ignored_and_garbage_left_to_the_redrive_policy(events_env):
+    """Unreadable messages are not deleted: with a redrive policy they end in the dead-letter queue."""
+    sqs, ticker = events_env["sqs"], events_env["ticker"]
+    dlq = sqs.create_queue(QueueName=events_env["bucket"] + "-dlq")["QueueUrl"]
+    dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    sqs.set_queue_attributes(QueueUrl=events_env["queue"], Attributes={"RedrivePolicy": json.dumps(
+        {"deadLetterTargetArn": dlq_arn, "maxReceiveCount": "1"})})
+    ticker()
+    sqs.send_message(QueueUrl=events_env["queue"], MessageBody=json.dumps({"Event": "s3:TestEvent", "Bucket": "x"}))
+    garbage = sqs.send_message(QueueUrl=events_env["queue"], MessageBody="not json")["MessageId"]
+    assert ticker().run_requests == []
+    ticker()
+    assert queue_depth(events_env) == 1  # the test event deleted, the garbage left
+    time.sleep(2.5)  # visible again; received once already: the queue moves it to the dead-letter queue
+    ticker()
+    assert queue_depth(events_env) == 0
+    moved = sqs.receive_message(QueueUrl=dlq, MaxNumberOfMessages=10)["Messages"]
+    assert [m["MessageId"] for m in moved] == [garbage]
+
+
+def test_messages_read_before_a_reconcile_tick_are_deleted(events_env, monkeypatch):
+    s3, b, ticker = events_env["s3"], events_env["bucket"], events_env["ticker"]
+    ticker()
+    s3.put_object(Bucket=b, Key="x.png", Body=b"1")
+    assert ticker.requested(ticker()) == ["x.png"]  # read from the queue: deleted by the next tick
+    monkeypatch.setenv("HY3D_RECONCILE_SECONDS", "0")  # the next tick is a full listing
+    assert ticker().run_requests == []
+    assert queue_depth(events_env) == 0
+
+
+def test_refused_deletes_are_retried_then_kept_for_the_next_tick(events_env, capfd):
+    from hy3d_pipeline.images import events
+    from hy3d_pipeline.images.planner import Cursor
+
     sqs, ticker = events_env["sqs"], events_env["ticker"]
     ticker()
     sqs.send_message(QueueUrl=events_env["queue"], MessageBody=json.dumps({"Event": "s3:TestEvent", "Bucket": "x"}))
-    sqs.send_message(QueueUrl=events_env["queue"], MessageBody="not json")
-    assert ticker().run_requests == []
+    ticker()  # reads the message; its handle waits for the next tick
+    cursor = Cursor.load(ticker.cursor)
+    [seq] = cursor.pending
+    pending = events.PendingDeletes(ticker.instance)
+    slot = pending._slot(seq)
+    saved = json.loads(ticker.instance.run_storage.get_cursor_values({slot})[slot])
+    pending.save(seq, saved["handles"] + ["not-a-receipt-handle"])  # one the queue will refuse
     ticker()
-    assert queue_depth(events_env) == 0
+    assert queue_depth(events_env) == 0  # the good handle deleted
+    assert seq in Cursor.load(ticker.cursor).pending  # the refused one kept for the next tick
+    assert "refused to delete 1 message(s)" in capfd.readouterr().err  # the sensor's log
+    for _ in range(3):
+        ticker()
+    assert seq not in Cursor.load(ticker.cursor).pending  # not for ever
+
+
+def test_stale_created_event_does_not_rewind_to_an_old_version(events_env):
+    s3, sqs, b, ticker = events_env["s3"], events_env["sqs"], events_env["bucket"], events_env["ticker"]
+    ticker()
+    old = s3.put_object(Bucket=b, Key="x.png", Body=b"v1")["ETag"].strip('"')
+    ticker()
+    s3.put_object(Bucket=b, Key="x.png", Body=b"v2")
+    assert ticker.requested(ticker()) == ["x.png"]
+    # the v1 event delivered again, late (SQS keeps no order; a redelivery looks just like this)
+    sqs.send_message(QueueUrl=events_env["queue"], MessageBody=json.dumps({"Records": [{
+        "eventName": "ObjectCreated:Put", "s3": {"bucket": {"name": b}, "object": {
+            "key": "x.png", "eTag": old, "sequencer": "0"}}}]}))
+    assert ticker().run_requests == []
+    assert ticker().run_requests == []  # and the catalog still holds v2: nothing requested later either

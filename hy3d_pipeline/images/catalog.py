@@ -7,16 +7,40 @@ a tick looks rows up only for shards whose listing changed.
 
 A row records the tick sequence number that wrote it. Rows written by a tick whose cursor was never committed
 (the daemon died between evaluating the sensor and submitting its runs) carry a sequence number above the
-committed cursor's, and are treated as not yet requested, so such a crash loses nothing.
+committed cursor's, and are treated as not yet requested, so such a crash loses nothing. A row also counts
+the runs requested for its ETag, so that images whose run failed are requested again a bounded number of times
+(`retries`). Tick numbers never go
+back: the highest one written is kept too, and a sensor whose cursor was reset (in the UI) numbers its ticks
+above it, or every row written before the reset would look uncommitted once the cursor is committed again.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import NamedTuple
 
 _NAMESPACE = "hy3d/images/"
 DELETED = "~deleted"  # the ETag recorded for a source object seen deleted (never a real ETag: has no quotes/hex)
+_HIGH = "hy3d/images-tick-high"  # outside _NAMESPACE: no partition key can collide with it
 _CHUNK = 500  # stays under SQLite's bound-variable limit on every version
+
+
+class Row(NamedTuple):
+    etag: str
+    seq: int  # the tick that wrote the row
+    attempts: int = 1  # runs requested for this ETag so far
+    gave_up: bool = False  # attempts exhausted: a failure was recorded, nothing more is requested
+
+    @classmethod
+    def parse(cls, value: str) -> "Row":
+        # `etag|tick` rows (before retries were counted) read as one attempt
+        etag, _, rest = value.partition("|")
+        seq, _, rest = rest.partition("|")
+        attempts, _, state = rest.partition("|")
+        return cls(etag, int(seq or 0), int(attempts or 1), state == "gave_up")
+
+    def dump(self) -> str:
+        return f"{self.etag}|{self.seq}|{self.attempts}|{'gave_up' if self.gave_up else ''}"
 
 
 class RequestedImages:
@@ -24,24 +48,34 @@ class RequestedImages:
         self._storage = instance.run_storage
         self._ns = namespace
 
-    def get(self, partition_keys: Iterable[str]) -> dict[str, tuple[str, int]]:
-        """partition key -> (etag, tick sequence) for the keys that have a row."""
+    def get(self, partition_keys: Iterable[str]) -> dict[str, Row]:
+        """partition key -> its row, for the keys that have one."""
         keys = [self._ns + k for k in partition_keys]
-        found: dict[str, tuple[str, int]] = {}
+        found: dict[str, Row] = {}
         for i in range(0, len(keys), _CHUNK):
             for row_key, value in self._storage.get_cursor_values(set(keys[i:i + _CHUNK])).items():
-                etag, _, seq = value.rpartition("|")
-                found[row_key[len(self._ns):]] = (etag, int(seq or 0))
+                found[row_key[len(self._ns):]] = Row.parse(value)
         return found
 
-    def set(self, etags: Mapping[str, str], seq: int) -> None:
+    def high_seq(self) -> int:
+        """The highest tick number any row was written with (0 when none)."""
+        return int(self._storage.get_cursor_values({_HIGH}).get(_HIGH) or 0)
+
+    def set(self, etags: Mapping[str, str], seq: int, attempts: Mapping[str, int] | None = None,
+            gave_up: Iterable[str] = ()) -> None:
+        """Record `etags` as requested by tick `seq` (attempt 1 unless `attempts` says otherwise); keys in
+        `gave_up` are recorded as given up after their attempts."""
+        attempts, gave_up = attempts or {}, set(gave_up)
+        if seq > self.high_seq():
+            self._storage.set_cursor_values({_HIGH: str(seq)})
         items = list(etags.items())
         for i in range(0, len(items), _CHUNK):
             chunk = dict(items[i:i + _CHUNK])
             existing = self.get(chunk)
             # set_cursor_values inserts, and only on a conflict updates: give it new and old rows separately
-            fresh = {self._ns + k: f"{v}|{seq}" for k, v in chunk.items() if k not in existing}
-            known = {self._ns + k: f"{v}|{seq}" for k, v in chunk.items() if k in existing}
+            text = {k: Row(v, seq, attempts.get(k, 1), k in gave_up).dump() for k, v in chunk.items()}
+            fresh = {self._ns + k: t for k, t in text.items() if k not in existing}
+            known = {self._ns + k: t for k, t in text.items() if k in existing}
             for part in (fresh, known):
                 if part:
                     self._storage.set_cursor_values(part)

@@ -3,7 +3,10 @@
 Work per tick grows with the number of new events, not with the bucket. Messages are deleted from the queue
 only once the tick that read them is committed (its cursor stored, so its partitions and runs are recorded):
 their receipt handles wait in the instance's key-value table under the tick's number and are deleted at the
-start of the next tick. A tick that never commits leaves its messages to reappear after the visibility timeout.
+start of the next tick, whatever kind of tick that is (a reconcile listing too). Deletes the queue refuses are
+retried once, then kept for the next tick (up to _KEEP_TICKS ticks). Unreadable messages are never deleted: they
+are counted and logged by id, and left to the queue's redrive policy (a dead-letter queue keeps them for a
+person to look at). A tick that never commits leaves its messages to reappear after the visibility timeout.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from urllib.parse import unquote_plus, urlsplit
 
+_KEEP_TICKS = 3  # a handle the queue keeps refusing is stale (its message came back): stop trying
 _RING = 64  # slots for pending receipt handles; a slot is reused 64 ticks later, long after it was deleted
 
 
@@ -48,6 +52,7 @@ class EventBatch:
     handles: list[str] = field(default_factory=list)
     messages: int = 0
     ignored: int = 0
+    unreadable: list[str] = field(default_factory=list)  # message ids (never their bodies: they may hold anything)
 
 
 def _records(body: str) -> list[dict] | None:
@@ -132,11 +137,11 @@ def receive(client, url: str, bucket: str, max_messages: int, visibility: int, b
     batch = EventBatch()
     for message in received:
         batch.messages += 1
-        batch.handles.append(message["ReceiptHandle"])
         records = _records(message.get("Body", ""))
         if records is None:
-            batch.ignored += 1
+            batch.unreadable.append(str(message.get("MessageId", "?")))
             continue
+        batch.handles.append(message["ReceiptHandle"])
         for record in records:
             add_record(batch, record, bucket)
     return batch
@@ -155,8 +160,10 @@ class PendingDeletes:
     def save(self, seq: int, handles: list[str]) -> None:
         self._storage.set_cursor_values({self._slot(seq): json.dumps({"seq": seq, "handles": handles})})
 
-    def flush(self, client, url: str, seqs: list[int]) -> None:
-        """Delete from the queue the messages of these committed ticks."""
+    def flush(self, client, url: str, seqs: list[int], log=None) -> list[int]:
+        """Delete from the queue the messages of these committed ticks; returns the ticks whose handles the
+        queue refused twice, kept for the next tick."""
+        kept: list[int] = []
         for seq in seqs:
             slot = self._slot(seq)
             raw = self._storage.get_cursor_values({slot}).get(slot)
@@ -165,8 +172,30 @@ class PendingDeletes:
             data = json.loads(raw)
             if data.get("seq") != seq:
                 continue
+            failed: list[str] = []
+            failures: list[str] = []
             handles = data.get("handles", [])
             for i in range(0, len(handles), 10):
-                entries = [{"Id": str(n), "ReceiptHandle": h} for n, h in enumerate(handles[i:i + 10])]
-                client.delete_message_batch(QueueUrl=url, Entries=entries)
-            self._storage.set_cursor_values({slot: json.dumps({"seq": seq, "handles": []})})
+                chunk = handles[i:i + 10]
+                for attempt in range(2):
+                    entries = [{"Id": str(n), "ReceiptHandle": h} for n, h in enumerate(chunk)]
+                    answer = client.delete_message_batch(QueueUrl=url, Entries=entries)
+                    refused = answer.get("Failed") or []
+                    chunk = [chunk[int(f["Id"])] for f in refused]
+                    if not chunk:
+                        break
+                    if attempt == 1:
+                        failed += chunk
+                        failures += [f"{f.get('Code', '?')}: {f.get('Message', '')}" for f in refused]
+            tries = int(data.get("tries", 0)) + 1
+            if failed and tries < _KEEP_TICKS:
+                kept.append(seq)
+                self._storage.set_cursor_values({slot: json.dumps({"seq": seq, "handles": failed, "tries": tries})})
+            else:
+                self._storage.set_cursor_values({slot: json.dumps({"seq": seq, "handles": []})})
+            if failed and log is not None:
+                log(f"the queue refused to delete {len(failed)} message(s) of tick {seq} twice "
+                    f"({'; '.join(sorted(set(failures)))[:300]}): "
+                    + ("kept for the next tick" if seq in kept else f"given up after {tries} ticks; if they come "
+                       "back, their images are already requested and nothing is requested twice"))
+        return kept

@@ -16,7 +16,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import math
 import os
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -24,6 +26,7 @@ from dagster import AssetKey, AssetObservation, RunRequest, SensorResult
 
 from hy3d_pipeline.images.catalog import DELETED, RequestedImages
 from hy3d_pipeline.images.partitions import IMAGES_PARTITIONS_NAME, images_partitions
+from hy3d_pipeline.images.retries import SENSOR_NAME, SENSOR_TAG, TICK_TAG, unfinished
 
 SHARDS = 2048
 PIPELINE_ASSETS = [AssetKey("source_images"), AssetKey("local_images"), AssetKey("models_3d")]
@@ -35,6 +38,17 @@ _MASK = (1 << 64) - 1
 
 def batch_size() -> int:
     return max(1, int(os.getenv("HY3D_BATCH_SIZE", "8") or 8))
+
+
+def max_batch_size() -> int:
+    return max(1, int(os.getenv("HY3D_MAX_BATCH_SIZE", "32") or 32))
+
+
+def burst_batch_size(backlog: int, base: int) -> int:
+    """Images per run for a backlog: per-run costs (launch, process start, model load) are paid per run, so a big
+    backlog gets bigger runs, up to HY3D_MAX_BATCH_SIZE; a quarter of the backlog per run keeps a few runs to
+    share between workers. Never below `base` (HY3D_BATCH_SIZE), so small bursts keep their latency."""
+    return max(base, min(math.ceil(backlog / 4), max_batch_size()))
 
 
 def max_images_per_tick() -> int:
@@ -69,6 +83,7 @@ class Cursor:
     shards: list[int] = field(default_factory=list)  # empty: no committed listing, every shard is checked
     reconciled_at: float = 0.0  # event mode: when the last full listing ran
     pending: list[int] = field(default_factory=list)  # event mode: ticks whose queue messages await deletion
+    runs_after: float = 0.0  # retries: runs that ended unfinished after this are looked at
 
     @classmethod
     def load(cls, raw: str | None) -> "Cursor | None":
@@ -78,12 +93,14 @@ class Cursor:
         blob = base64.b64decode(data.get("shards", "")) if data.get("shards") else b""
         shards = [int.from_bytes(blob[i:i + 8], "big") for i in range(0, len(blob), 8)]
         return cls(seq=int(data.get("seq", 0)), shards=shards if len(shards) == SHARDS else [],
-                   reconciled_at=float(data.get("reconciled_at", 0)), pending=list(data.get("pending", [])))
+                   reconciled_at=float(data.get("reconciled_at", 0)), pending=list(data.get("pending", [])),
+                   runs_after=float(data.get("runs_after", 0)))
 
     def dump(self) -> str:
         blob = b"".join(v.to_bytes(8, "big") for v in self.shards)
         return json.dumps({"v": 2, "seq": self.seq, "shards": base64.b64encode(blob).decode(),
-                           "reconciled_at": self.reconciled_at, "pending": self.pending}, separators=(",", ":"))
+                           "reconciled_at": self.reconciled_at, "pending": self.pending,
+                           "runs_after": self.runs_after}, separators=(",", ":"))
 
 
 def contiguous_batches(keys: Iterable[str], order: Sequence[str], size: int) -> list[list[str]]:
@@ -98,14 +115,22 @@ def contiguous_batches(keys: Iterable[str], order: Sequence[str], size: int) -> 
     return batches
 
 
-def run_request_for(batch: list[str], etags: dict[str, str]) -> RunRequest:
-    digest = hashlib.sha256("\n".join(f"{k}\0{etags[k]}" for k in batch).encode()).hexdigest()[:20]
+def run_request_for(batch: list[str], etags: dict[str, str], seq: int = 0,
+                    attempts: dict[str, int] | None = None) -> RunRequest:
+    attempts = attempts or {}
+    # a retry needs a run key of its own (Dagster drops a repeated one); first attempts keep the old digest
+    digest = hashlib.sha256("\n".join(
+        f"{k}\0{etags[k]}" + (f"\0{attempts[k]}" if attempts.get(k, 1) > 1 else "") for k in batch
+    ).encode()).hexdigest()[:20]
+    # the tick number ties a failed run back to the catalog rows it was for (see `retries`)
+    tags = {SENSOR_TAG: SENSOR_NAME, TICK_TAG: str(seq)}
     if len(batch) == 1:
-        return RunRequest(run_key=f"images-{digest}", asset_selection=PIPELINE_ASSETS, partition_key=batch[0])
+        return RunRequest(run_key=f"images-{digest}", asset_selection=PIPELINE_ASSETS, partition_key=batch[0],
+                          tags=tags)
     return RunRequest(
         run_key=f"images-{digest}",
         asset_selection=PIPELINE_ASSETS,
-        tags={RANGE_START_TAG: batch[0], RANGE_END_TAG: batch[-1], "hy3d/batch_size": str(len(batch))},
+        tags={**tags, RANGE_START_TAG: batch[0], RANGE_END_TAG: batch[-1], "hy3d/batch_size": str(len(batch))},
     )
 
 
@@ -145,14 +170,17 @@ class Plan:
     requested: list[str]
     deferred: int = 0
     deleted: list[str] = field(default_factory=list)
+    retried: list[str] = field(default_factory=list)
+    gave_up: dict[str, dict] = field(default_factory=dict)
 
 
 def plan_tick(instance, cursor: Cursor | None, observed: Observed, size: int, limit: int | None = None) -> Plan:
     catalog = RequestedImages(instance)
     committed_seq = cursor.seq if cursor else None
-    seq = (cursor.seq if cursor else 0) + 1
+    seq = (cursor.seq if cursor else catalog.high_seq()) + 1
     next_cursor = Cursor(seq=seq, shards=list(cursor.shards) if cursor else [],
-                         reconciled_at=cursor.reconciled_at if cursor else 0.0)
+                         reconciled_at=cursor.reconciled_at if cursor else 0.0,
+                         runs_after=cursor.runs_after if cursor else 0.0)
     etags = observed.etags
     if observed.complete:
         existing = instance.get_dynamic_partitions(IMAGES_PARTITIONS_NAME)
@@ -185,26 +213,47 @@ def plan_tick(instance, cursor: Cursor | None, observed: Observed, size: int, li
     if deferred and next_cursor.shards:
         for key in deferred:  # their shards must be looked at again next tick: resume exactly here
             next_cursor.shards[shard_of(key)] = 0 if next_cursor.shards[shard_of(key)] else 1
-    if not todo and not deleted:
+
+    now = time.time()
+    retry = unfinished(instance, catalog, committed_seq, next_cursor.runs_after, now,
+                       lambda: existing if observed.complete else instance.get_dynamic_partitions(IMAGES_PARTITIONS_NAME))
+    next_cursor.runs_after = retry.runs_after
+    # a key whose listing or event says something newer goes through the ordinary path above
+    skip = set(todo) | set(deleted) | set(deferred) | gone
+    due = {k: v for k, v in retry.due.items()
+           if k not in skip and etags.get(k, v[0]) == v[0] and (not observed.complete or k in existing_set)}
+    gave_up = {k: v for k, v in retry.gave_up.items() if k not in skip and etags.get(k, v["etag"]) == v["etag"]}
+    if not todo and not deleted and not due and not gave_up:
         return Plan(None, next_cursor, [], len(deferred))
 
-    catalog.set({**{k: etags[k] for k in todo}, **{k: DELETED for k in deleted}}, seq)
-    new_keys = [k for k in todo if k not in existing_set]
+    attempts = {k: n for k, (_, n) in due.items()}
+    known = existing_set | set(due)
+    etags = {**{k: e for k, (e, _) in due.items()}, **etags}
+    todo = sorted([*todo, *due])
+    catalog.set({**{k: etags[k] for k in todo}, **{k: DELETED for k in deleted},
+                 **{k: v["etag"] for k, v in gave_up.items()}}, seq,
+                attempts={**attempts, **{k: v["attempts"] for k, v in gave_up.items()}}, gave_up=gave_up)
+    new_keys = [k for k in todo if k not in known]
+    size = burst_batch_size(len(todo), size)
     if observed.complete:
         order = [k for k in existing if k not in set(deleted) or deleted_policy() == "mark"] + new_keys
         batches = contiguous_batches(todo, order, size)
     else:  # positions of existing partitions are unknown here: changed images run alone, new ones in batches
-        batches = [[k] for k in todo if k in existing_set] + contiguous_batches(new_keys, new_keys, size)
-    runs = [run_request_for(b, etags) for b in batches]
+        batches = [[k] for k in todo if k in known] + contiguous_batches(new_keys, new_keys, size)
+    runs = [run_request_for(b, etags, seq, attempts) for b in batches]
     partitions = [images_partitions.build_add_request(new_keys[i:i + _ADD_CHUNK])
                   for i in range(0, len(new_keys), _ADD_CHUNK)]
     events = [AssetObservation(asset_key=PIPELINE_ASSETS[0], partition=k, metadata={
         "deleted": True, "policy": deleted_policy(),
         "note": "the source object is gone; its generated model is kept"}) for k in deleted if k in existing_set]
+    events += [AssetObservation(asset_key=PIPELINE_ASSETS[0], partition=k, metadata={
+        "gave_up": True, "attempts": v["attempts"], "last_run_id": v["last_run_id"], "etag": v["etag"],
+        "note": f"no model after {v['attempts']} run(s); nothing more is requested until the image changes"})
+        for k, v in gave_up.items()]
     if deleted and deleted_policy() == "remove-partition":
         present = [k for k in deleted if k in existing_set]
         partitions += [images_partitions.build_delete_request(present[i:i + _ADD_CHUNK])
                        for i in range(0, len(present), _ADD_CHUNK)]
     result = SensorResult(run_requests=runs, dynamic_partitions_requests=partitions, asset_events=events,
                           cursor=next_cursor.dump())
-    return Plan(result, next_cursor, todo, len(deferred), deleted)
+    return Plan(result, next_cursor, todo, len(deferred), deleted, sorted(due), gave_up)

@@ -114,6 +114,24 @@ class ImageStorage(S3Resource):
         """True for objects this pipeline wrote: never treat our own outputs as new images."""
         return bucket == self.models_bucket_name and bool(self.models_prefix) and key.startswith(self.models_prefix)
 
+    def layout_problem(self) -> str | None:
+        """Why this layout would feed the pipeline's own outputs back as inputs (or hide every input), else None.
+
+        Models, thumbnails (`<model>.thumb.png`) and OBJ textures are excluded from the images only by the models
+        prefix; an empty one in the images bucket would make every output a new image, without end."""
+        if self.models_bucket_name != self.images_bucket:
+            return None
+        if not self.models_prefix:
+            return (f"S3_MODELS_PREFIX is empty and models go to the images bucket {self.images_bucket!r}: "
+                    f"thumbnails and textures the pipeline writes would be taken for new images under "
+                    f"S3_IMAGES_PREFIX={self.images_prefix!r}. Use a separate prefix (S3_MODELS_PREFIX=models/) "
+                    f"or a separate bucket (S3_MODELS_BUCKET)")
+        if self.images_prefix.startswith(self.models_prefix):
+            return (f"S3_IMAGES_PREFIX={self.images_prefix!r} lies inside S3_MODELS_PREFIX={self.models_prefix!r} "
+                    f"in bucket {self.images_bucket!r}: every image would be taken for a generated model and "
+                    f"ignored. Use a separate prefix or a separate bucket (S3_MODELS_BUCKET)")
+        return None
+
     def model_key(self, relative_key: str, output_format: str) -> str:
         return f"{self.models_prefix}{relative_key}.{output_format}"
 
