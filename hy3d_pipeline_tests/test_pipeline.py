@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import numpy as np
 import pytest
 import trimesh
 from dagster import AssetKey
@@ -180,3 +181,38 @@ def test_hunyuan_batch_through_assets_loads_model_once(instance, storage, s3, mo
     for i in range(3):
         meta = latest_metadata(instance, "models_3d", f"h/{i}.png")
         assert meta["backend"] == "hunyuan3d" and meta["faces"] > 0
+
+
+def _tiny_hunyuan_env(monkeypatch, tmp_path):
+    from hy3d_pipeline.models.generators import base
+    from hy3d_pipeline_tests.tiny_hunyuan import build_tiny_model
+
+    build_tiny_model(tmp_path / "models", model_path="tiny/Hunyuan3D-tiny", subfolder="hunyuan3d-dit-v2-0")
+    for name, value in {"HY3DGEN_MODELS": str(tmp_path / "models"), "HY3D_GENERATOR": "hunyuan3d",
+                        "HY3D_MODEL_PATH": "tiny/Hunyuan3D-tiny", "HY3D_MODEL_SUBFOLDER": "hunyuan3d-dit-v2-0",
+                        "HY3D_OCTREE_RESOLUTION": "64", "HY3D_STEPS": "2", "HY3D_DEVICE": "cpu"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(base, "_cache", {})
+
+
+def test_seed_api_and_asset_make_the_same_mesh_under_a_prefix(instance, storage, s3, monkeypatch, tmp_path):
+    """With S3_IMAGES_PREFIX set the partition key is the key without the prefix; the seed API used to seed with
+    the full key, so one image gave two different meshes (hy3dgen's own code on the tiny model)."""
+    from dagster import materialize
+
+    from hy3d_pipeline import generate_3d_from_image_core
+    from hy3d_pipeline.models.assets import image_to_model
+
+    _tiny_hunyuan_env(monkeypatch, tmp_path)
+    monkeypatch.setenv("S3_IMAGES_PREFIX", "in/")
+    s3.put_object(Bucket=storage.images_bucket, Key="in/x/a.png", Body=png_bytes((80, 64)))
+    instance.add_dynamic_partitions("images", ["x/a.png"])
+    defs = build_defs()
+    assert materialize([image_to_model], instance=instance, resources=defs.resources, partition_key="x/a.png").success
+    body = s3.get_object(Bucket=storage.images_bucket, Key="models/x/a.png.glb")["Body"].read()
+    from_asset = trimesh.load(io.BytesIO(body), file_type="glb", force="mesh")
+    result = generate_3d_from_image_core(f"s3://{storage.images_bucket}/in/x/a.png")
+    assert result["status"] == "success" and result["backend"] == "hunyuan3d", result
+    from_api = trimesh.load(result["model_path"], force="mesh")
+    assert len(from_api.faces) > 0
+    assert np.array_equal(from_api.vertices, from_asset.vertices) and np.array_equal(from_api.faces, from_asset.faces)

@@ -98,6 +98,15 @@ def existing_model(storage: ImageStorage, model_key: str, source: ObjectInfo, se
     )
 
 
+def seed_key_for(storage: ImageStorage, bucket: str, key: str) -> str:
+    """The key an image's seed is derived from, shared by the pipeline and the seed API so one image gives one
+    mesh: the key relative to S3_IMAGES_PREFIX for an object in the images bucket under the prefix, else the
+    full key. (The partition key would differ for keys Dagster needs escaped.)"""
+    if bucket == storage.images_bucket and key.startswith(storage.images_prefix):
+        return storage.relative_key(key)
+    return key
+
+
 def generate_mesh(path: Path, name: str, settings: GenerationSettings, seed_key: str, timer: Timer):
     """Verified image at `path` -> (mesh, prepared image, generator). Raises ImageRejected / GenerationError."""
     from hy3d_pipeline.images.validation import prepare_image
@@ -232,7 +241,8 @@ def _load_model(storage: ImageStorage, model_key: str, output_format: str):
 
 def process_object(storage: ImageStorage, source: ObjectInfo, partition_key: str, settings: GenerationSettings,
                    timer: Timer | None = None, local_path: Path | None = None) -> ModelOutcome:
-    """Generate and upload the model for one source object, unless it already exists for this ETag and settings."""
+    """Generate and upload the model for one source object, unless it already exists for this ETag and settings.
+    `partition_key` is kept for callers; the seed comes from the object key (`seed_key_for`)."""
     timer = timer or Timer()
     model_key = storage.model_key(storage.relative_key(source.key), settings.output_format)
     with timer.stage("check_existing"):
@@ -253,7 +263,8 @@ def process_object(storage: ImageStorage, source: ObjectInfo, partition_key: str
         from hy3d_pipeline.models.checks import measure
         from hy3d_pipeline.models.thumbnails import image_preview, png_bytes
 
-        mesh, prepared, generator = generate_mesh(path, source.url, settings, partition_key, timer)
+        mesh, prepared, generator = generate_mesh(path, source.url, settings,
+                                                  seed_key_for(storage, source.bucket, source.key), timer)
         notes: list[str] = []
         with timer.stage("measure"):
             figures = measure(mesh, prepared.mask)
