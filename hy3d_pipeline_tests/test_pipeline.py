@@ -216,3 +216,71 @@ def test_seed_api_and_asset_make_the_same_mesh_under_a_prefix(instance, storage,
     from_api = trimesh.load(result["model_path"], force="mesh")
     assert len(from_api.faces) > 0
     assert np.array_equal(from_api.vertices, from_asset.vertices) and np.array_equal(from_api.faces, from_asset.faces)
+
+
+def test_cuda_oom_fallback_records_the_resolution_used(instance, storage, s3, monkeypatch, tmp_path):
+    """A model made at half resolution after a CUDA OOM is recorded with the settings it was made with, so a
+    run with the requested settings regenerates it. There is no GPU here: the first pipeline call raising
+    torch.OutOfMemoryError is a mock (the retry then runs hy3dgen's real code on the tiny model)."""
+    import dataclasses
+
+    import torch
+    from dagster import materialize
+
+    from hy3d_pipeline.models.assets import image_to_model
+    from hy3d_pipeline.models.generators.hunyuan3d import Hunyuan3DGenerator
+    from hy3d_pipeline.models.processing import existing_model
+    from hy3d_pipeline.models.resources import GeneratorResource
+
+    _tiny_hunyuan_env(monkeypatch, tmp_path)
+    monkeypatch.setenv("HY3D_OCTREE_RESOLUTION", "256")
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    real, calls = Hunyuan3DGenerator._call_pipeline, []
+
+    def oom_first(self, settings, cond, seed, resolution):
+        calls.append(resolution)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB (mocked)")
+        return real(self, settings, cond, seed, resolution)
+
+    monkeypatch.setattr(Hunyuan3DGenerator, "_call_pipeline", oom_first)
+    s3.put_object(Bucket=storage.images_bucket, Key="big.png", Body=png_bytes())
+    instance.add_dynamic_partitions("images", ["big.png"])
+    defs = build_defs()
+    assert materialize([image_to_model], instance=instance, resources=defs.resources, partition_key="big.png").success
+    assert calls == [256, 128]
+    requested = GeneratorResource.from_env().settings()
+    used = dataclasses.replace(requested, octree_resolution=128)
+    head = s3.head_object(Bucket=storage.images_bucket, Key="models/big.png.glb")
+    assert head["Metadata"][META_SETTINGS] == used.fingerprint() != requested.fingerprint()
+    meta = latest_metadata(instance, "models_3d", "big.png")
+    assert meta["octree_resolution"] == 128 and meta["settings"] == used.fingerprint()
+    source = storage.head(storage.images_bucket, "big.png")
+    assert existing_model(storage, "models/big.png.glb", source, requested) is None  # a later run regenerates
+    assert existing_model(storage, "models/big.png.glb", source, used) is not None
+
+
+def test_worker_and_generator_loads_in_metadata(instance, storage, s3, monkeypatch):
+    import os
+    import socket
+
+    from dagster import materialize
+
+    from hy3d_pipeline.models.assets import image_to_model
+    from hy3d_pipeline.models.generators import base
+
+    monkeypatch.setattr(base, "_cache", {})
+    monkeypatch.setattr(base, "total_loads", 0, raising=False)
+    defs = build_defs()
+    for key in ("one.png", "two.png"):
+        s3.put_object(Bucket=storage.images_bucket, Key=key, Body=png_bytes())
+        instance.add_dynamic_partitions("images", [key])
+        assert materialize([image_to_model], instance=instance, resources=defs.resources, partition_key=key).success
+    for key in ("one.png", "two.png"):
+        meta = latest_metadata(instance, "models_3d", key)
+        assert meta["skipped_existing"] is False
+        assert meta["worker"] == f"{socket.gethostname()}:{os.getpid()}" and meta["generator_loads"] == 1
+    # not regenerated: this process's values, the warm generator still counted once
+    assert materialize([image_to_model], instance=instance, resources=defs.resources, partition_key="one.png").success
+    meta = latest_metadata(instance, "models_3d", "one.png")
+    assert meta["skipped_existing"] is True and meta["generator_loads"] == 1
