@@ -22,6 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("image")
     gen.add_argument("--format", default="glb", choices=["glb", "obj", "ply", "stl"])
     gen.add_argument("--texture", action="store_true")
+    gen.add_argument("--out", default=None, help="folder for the model file(s) (default: HY3D_OUTPUT_DIR or ./hy3d-output)")
     report = sub.add_parser("report", help="write a static HTML gallery of the models, checks and failures")
     report.add_argument("--out", default="hy3d-report", help="folder for index.html and thumbs/ (default: %(default)s)")
     scope = report.add_mutually_exclusive_group()
@@ -46,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "generate":
         from hy3d_pipeline.core import generate_3d_from_image_core
 
-        result = generate_3d_from_image_core(args.image, with_texture=args.texture, output_format=args.format)
+        result = generate_3d_from_image_core(args.image, with_texture=args.texture, output_format=args.format,
+                                             output_dir=args.out)
         print(json.dumps(result, indent=2))
         return 0 if result["status"] == "success" else 1
     if args.command == "report":

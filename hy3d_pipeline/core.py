@@ -6,6 +6,7 @@ raises for bad input. It runs the same functions as the `models_3d` asset.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
@@ -22,6 +23,13 @@ def output_dir() -> Path:
     return Path(os.getenv("HY3D_OUTPUT_DIR") or "hy3d-output")
 
 
+def output_name(stem: str, identity: str) -> str:
+    """The file name (without extension) of a model made from the source `identity`: the image's stem plus a
+    hash of the whole identity, because stems alone collide (`a/photo.png` and `b/photo.png`, or one key in two
+    buckets) and one model would overwrite the other in the output folder."""
+    return f"{stem or 'model'}-{hashlib.sha256(identity.encode()).hexdigest()[:8]}"
+
+
 def _notify(callback: ProgressCallback | None, percent: float, status: str) -> None:
     if callback is None:
         return
@@ -36,24 +44,28 @@ def generate_3d_from_image_core(
     with_texture: bool = False,
     output_format: str = "glb",
     progress_callback: ProgressCallback | None = None,
+    *,
+    output_dir: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
-    """Generate a 3D model from a local image or an S3 URL.
+    """Generate a 3D model from a local image or an S3 URL, written to `output_dir` (default HY3D_OUTPUT_DIR) as
+    `<stem>-<hash of the source>.<format>`: the hash is of bucket and key for S3, of the absolute path for a
+    local file, so two different sources never get the same model_path.
 
     Returns {"status": "success", "model_path", "format", "backend", "vertices", "faces", "watertight",
     "source", "seconds"} or {"status": "error", "message"}.
     """
     start = time.perf_counter()
     try:
-        return _generate(image_path, with_texture, output_format, progress_callback, start)
+        return _generate(image_path, with_texture, output_format, progress_callback, start, output_dir)
     except Exception as exc:  # noqa: BLE001 - the contract: an error dict, never an exception
         log.error("generation failed for %s: %s", image_path, exc)
         _notify(progress_callback, 100, "failed")
         return {"status": "error", "message": str(exc) or type(exc).__name__, "source": str(image_path)}
 
 
-def _generate(image_path, with_texture, output_format, progress_callback, start) -> dict[str, Any]:
+def _generate(image_path, with_texture, output_format, progress_callback, start, out_dir) -> dict[str, Any]:
     from hy3d_pipeline.models.export import export_model, mesh_stats
-    from hy3d_pipeline.models.processing import Timer, generate_mesh
+    from hy3d_pipeline.models.processing import Timer, generate_mesh, seed_key_for
     from hy3d_pipeline.models.resources import GeneratorResource
     from hy3d_pipeline.s3.urls import is_s3_url, parse_s3_url
 
@@ -75,21 +87,23 @@ def _generate(image_path, with_texture, output_format, progress_callback, start)
         with timer.stage("download"):
             info = storage.head(location.bucket, location.key)
             local = storage.download(info)
-        seed_key, name = location.key, location.url
+        # the key the pipeline seeds with for the same object, so both make the same mesh
+        seed_key = seed_key_for(_configured_storage(), location.bucket, location.key)
+        name, identity = location.url, f"s3://{location.bucket}/{location.key}"
     else:
         if "://" in source:
             raise ValueError(f"{source!r} is neither a local path nor an S3 URL (s3://bucket/key or an amazonaws.com URL)")
         local = Path(source)
         if not local.is_file():
             raise FileNotFoundError(f"image not found: {source}")
-        seed_key, name = local.name, source
+        seed_key, name, identity = local.name, source, str(local.resolve())
     try:
         _notify(progress_callback, 20, "generating")
         mesh, prepared, generator = generate_mesh(local, name, settings, seed_key, timer)
         _notify(progress_callback, 85, "exporting")
         with timer.stage("export"):
-            files = export_model(mesh, settings.output_format, Path(seed_key).stem or "model")
-            out = output_dir()
+            files = export_model(mesh, settings.output_format, output_name(Path(seed_key).stem, identity))
+            out = Path(out_dir) if out_dir is not None else output_dir()
             out.mkdir(parents=True, exist_ok=True)
             for file_name, data in files:
                 (out / file_name).write_bytes(data)
@@ -111,3 +125,12 @@ def _generate(image_path, with_texture, output_format, progress_callback, start)
         "seconds": round(time.perf_counter() - start, 3),
         **timer.seconds,
     }
+
+
+def _configured_storage():
+    """The deployment's images bucket and prefix, as the code location reads them."""
+    from hy3d_pipeline.definitions import DEFAULT_BUCKET
+    from hy3d_pipeline.s3.resources import ImageStorage
+
+    storage = ImageStorage.from_env()
+    return storage if storage.images_bucket else ImageStorage.from_env(images_bucket=DEFAULT_BUCKET)

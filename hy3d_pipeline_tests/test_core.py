@@ -67,3 +67,38 @@ def test_broken_progress_callback_is_ignored(s3_env, tmp_path):
         raise RuntimeError("display went away")
 
     assert generate_3d_from_image_core(str(image), progress_callback=boom)["status"] == "success"
+
+
+def test_sources_with_one_name_get_distinct_model_paths(s3_env, storage, s3, tmp_path):
+    """Stems alone collide: two folders' photo.png, two buckets' ring.png, an S3 object and a local file."""
+    other = f"{storage.images_bucket}-2"
+    s3_env["server"].create_buckets(other)
+    paths = set()
+    for bucket, key, shape in ((storage.images_bucket, "a/photo.png", "disc"), (storage.images_bucket, "b/photo.png", "box"),
+                               (storage.images_bucket, "ring.png", "disc"), (other, "ring.png", "box")):
+        s3.put_object(Bucket=bucket, Key=key, Body=png_bytes(shape=shape))
+        result = generate_3d_from_image_core(f"s3://{bucket}/{key}")
+        assert result["status"] == "success", result
+        paths.add(result["model_path"])
+    for folder in ("x", "y"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "photo.png").write_bytes(png_bytes())
+        paths.add(generate_3d_from_image_core(str(tmp_path / folder / "photo.png"))["model_path"])
+    assert len(paths) == 6
+    assert all(Path(p).exists() and Path(p).name.startswith(("photo-", "ring-")) for p in paths)
+    # the same source again lands on its own path, not a new one
+    assert generate_3d_from_image_core(str(tmp_path / "x" / "photo.png"))["model_path"] in paths
+
+
+def test_output_folder_per_call_and_per_command(s3_env, tmp_path):
+    from hy3d_pipeline.cli import main
+
+    image = tmp_path / "a.png"
+    image.write_bytes(png_bytes())
+    result = generate_3d_from_image_core(str(image), output_format="obj", output_dir=tmp_path / "mine")
+    assert result["status"] == "success", result
+    written = sorted(p.name for p in (tmp_path / "mine").iterdir())
+    assert Path(result["model_path"]).parent == (tmp_path / "mine").resolve() and len(written) == 3  # obj, mtl, png
+    assert main(["generate", str(image), "--format", "stl", "--out", str(tmp_path / "cli")]) == 0
+    assert [p.suffix for p in (tmp_path / "cli").iterdir()] == [".stl"]
+    assert not (tmp_path / "out").exists()  # HY3D_OUTPUT_DIR was not used by either

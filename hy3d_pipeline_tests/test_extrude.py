@@ -208,10 +208,32 @@ def test_obj_comes_with_its_material_and_texture(mug, tmp_path):
     assert isinstance(loaded.visual.material.image, Image.Image)
 
     spaced = dict(export_model(mug, "obj", "my mug"))
-    assert list(spaced) == ["my mug.obj", "my_mug.mtl", "my_mug.png"]  # references must not contain spaces
-    assert b"mtllib my_mug.mtl" in spaced["my mug.obj"]
+    main, mtl, texture = list(spaced)
+    assert main == "my mug.obj" and " " not in mtl + texture  # references must not contain spaces
+    assert mtl.startswith("my_mug-") and mtl.endswith(".mtl") and texture == mtl[:-4] + ".png"
+    assert f"mtllib {mtl}".encode() in spaced["my mug.obj"]
     plain = export_model(trimesh.creation.box(), "obj", "box")
     assert [name for name, _ in plain] == ["box.obj"]
+
+
+def test_obj_companions_of_names_that_sanitise_alike_never_collide(mug, tmp_path):
+    """`a b.png` and `a_b.png` in one folder: before, both wrote `a_b.png.mtl` and its texture, so one model
+    showed the other's picture."""
+    def textured(colour):
+        box = trimesh.creation.box()
+        uv = np.full((len(box.vertices), 2), 0.5)
+        return trimesh.Trimesh(box.vertices, box.faces, process=False, visual=trimesh.visual.TextureVisuals(
+            uv=uv, image=Image.new("RGB", (8, 8), colour)))
+
+    red, blue = textured((255, 0, 0)), textured((0, 0, 255))
+    spaced, underscored = dict(export_model(red, "obj", "a b.png")), dict(export_model(blue, "obj", "a_b.png"))
+    assert not set(spaced) & set(underscored)
+    for files, colour in ((spaced, (255, 0, 0)), (underscored, (0, 0, 255))):
+        for name, data in files.items():
+            (tmp_path / name).write_bytes(data)
+    for main, colour in (("a b.png.obj", (255, 0, 0)), ("a_b.png.obj", (0, 0, 255))):
+        loaded = trimesh.load(tmp_path / main, force="mesh")
+        assert loaded.visual.material.image.convert("RGB").getpixel((0, 0)) == colour, main
 
 
 def test_ply_carries_colours_and_stl_geometry_only(mug):

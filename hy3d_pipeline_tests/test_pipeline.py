@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import numpy as np
 import pytest
 import trimesh
 from dagster import AssetKey
@@ -180,3 +181,106 @@ def test_hunyuan_batch_through_assets_loads_model_once(instance, storage, s3, mo
     for i in range(3):
         meta = latest_metadata(instance, "models_3d", f"h/{i}.png")
         assert meta["backend"] == "hunyuan3d" and meta["faces"] > 0
+
+
+def _tiny_hunyuan_env(monkeypatch, tmp_path):
+    from hy3d_pipeline.models.generators import base
+    from hy3d_pipeline_tests.tiny_hunyuan import build_tiny_model
+
+    build_tiny_model(tmp_path / "models", model_path="tiny/Hunyuan3D-tiny", subfolder="hunyuan3d-dit-v2-0")
+    for name, value in {"HY3DGEN_MODELS": str(tmp_path / "models"), "HY3D_GENERATOR": "hunyuan3d",
+                        "HY3D_MODEL_PATH": "tiny/Hunyuan3D-tiny", "HY3D_MODEL_SUBFOLDER": "hunyuan3d-dit-v2-0",
+                        "HY3D_OCTREE_RESOLUTION": "64", "HY3D_STEPS": "2", "HY3D_DEVICE": "cpu"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(base, "_cache", {})
+
+
+def test_seed_api_and_asset_make_the_same_mesh_under_a_prefix(instance, storage, s3, monkeypatch, tmp_path):
+    """With S3_IMAGES_PREFIX set the partition key is the key without the prefix; the seed API used to seed with
+    the full key, so one image gave two different meshes (hy3dgen's own code on the tiny model)."""
+    from dagster import materialize
+
+    from hy3d_pipeline import generate_3d_from_image_core
+    from hy3d_pipeline.models.assets import image_to_model
+
+    _tiny_hunyuan_env(monkeypatch, tmp_path)
+    monkeypatch.setenv("S3_IMAGES_PREFIX", "in/")
+    s3.put_object(Bucket=storage.images_bucket, Key="in/x/a.png", Body=png_bytes((80, 64)))
+    instance.add_dynamic_partitions("images", ["x/a.png"])
+    defs = build_defs()
+    assert materialize([image_to_model], instance=instance, resources=defs.resources, partition_key="x/a.png").success
+    body = s3.get_object(Bucket=storage.images_bucket, Key="models/x/a.png.glb")["Body"].read()
+    from_asset = trimesh.load(io.BytesIO(body), file_type="glb", force="mesh")
+    result = generate_3d_from_image_core(f"s3://{storage.images_bucket}/in/x/a.png")
+    assert result["status"] == "success" and result["backend"] == "hunyuan3d", result
+    from_api = trimesh.load(result["model_path"], force="mesh")
+    assert len(from_api.faces) > 0
+    assert np.array_equal(from_api.vertices, from_asset.vertices) and np.array_equal(from_api.faces, from_asset.faces)
+
+
+def test_cuda_oom_fallback_records_the_resolution_used(instance, storage, s3, monkeypatch, tmp_path):
+    """A model made at half resolution after a CUDA OOM is recorded with the settings it was made with, so a
+    run with the requested settings regenerates it. There is no GPU here: the first pipeline call raising
+    torch.OutOfMemoryError is a mock (the retry then runs hy3dgen's real code on the tiny model)."""
+    import dataclasses
+
+    import torch
+    from dagster import materialize
+
+    from hy3d_pipeline.models.assets import image_to_model
+    from hy3d_pipeline.models.generators.hunyuan3d import Hunyuan3DGenerator
+    from hy3d_pipeline.models.processing import existing_model
+    from hy3d_pipeline.models.resources import GeneratorResource
+
+    _tiny_hunyuan_env(monkeypatch, tmp_path)
+    monkeypatch.setenv("HY3D_OCTREE_RESOLUTION", "256")
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    real, calls = Hunyuan3DGenerator._call_pipeline, []
+
+    def oom_first(self, settings, cond, seed, resolution):
+        calls.append(resolution)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB (mocked)")
+        return real(self, settings, cond, seed, resolution)
+
+    monkeypatch.setattr(Hunyuan3DGenerator, "_call_pipeline", oom_first)
+    s3.put_object(Bucket=storage.images_bucket, Key="big.png", Body=png_bytes())
+    instance.add_dynamic_partitions("images", ["big.png"])
+    defs = build_defs()
+    assert materialize([image_to_model], instance=instance, resources=defs.resources, partition_key="big.png").success
+    assert calls == [256, 128]
+    requested = GeneratorResource.from_env().settings()
+    used = dataclasses.replace(requested, octree_resolution=128)
+    head = s3.head_object(Bucket=storage.images_bucket, Key="models/big.png.glb")
+    assert head["Metadata"][META_SETTINGS] == used.fingerprint() != requested.fingerprint()
+    meta = latest_metadata(instance, "models_3d", "big.png")
+    assert meta["octree_resolution"] == 128 and meta["settings"] == used.fingerprint()
+    source = storage.head(storage.images_bucket, "big.png")
+    assert existing_model(storage, "models/big.png.glb", source, requested) is None  # a later run regenerates
+    assert existing_model(storage, "models/big.png.glb", source, used) is not None
+
+
+def test_worker_and_generator_loads_in_metadata(instance, storage, s3, monkeypatch):
+    import os
+    import socket
+
+    from dagster import materialize
+
+    from hy3d_pipeline.models.assets import image_to_model
+    from hy3d_pipeline.models.generators import base
+
+    monkeypatch.setattr(base, "_cache", {})
+    monkeypatch.setattr(base, "total_loads", 0, raising=False)
+    defs = build_defs()
+    for key in ("one.png", "two.png"):
+        s3.put_object(Bucket=storage.images_bucket, Key=key, Body=png_bytes())
+        instance.add_dynamic_partitions("images", [key])
+        assert materialize([image_to_model], instance=instance, resources=defs.resources, partition_key=key).success
+    for key in ("one.png", "two.png"):
+        meta = latest_metadata(instance, "models_3d", key)
+        assert meta["skipped_existing"] is False
+        assert meta["worker"] == f"{socket.gethostname()}:{os.getpid()}" and meta["generator_loads"] == 1
+    # not regenerated: this process's values, the warm generator still counted once
+    assert materialize([image_to_model], instance=instance, resources=defs.resources, partition_key="one.png").success
+    meta = latest_metadata(instance, "models_3d", "one.png")
+    assert meta["skipped_existing"] is True and meta["generator_loads"] == 1

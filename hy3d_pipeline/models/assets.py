@@ -159,7 +159,8 @@ def _model_metadata(outcome, info: ObjectInfo, settings) -> dict[str, Any]:
         **outcome.metadata(),
         "model_url": MetadataValue.text(outcome.model_url),
         "source_etag": info.etag,
-        "settings": settings.fingerprint(),
+        # what the model was made with, which an OOM retry may have lowered (processing.settings_used)
+        "settings": outcome.settings_fingerprint or settings.fingerprint(),
         "output_format": settings.output_format,
         "bounds": MetadataValue.json(outcome.stats.get("bounds", outcome.figures.get("bounds", []))),
         **({"notes": MetadataValue.json(outcome.notes)} if outcome.notes else {}),

@@ -8,6 +8,7 @@ renderer.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from typing import Any
 
@@ -41,9 +42,22 @@ def as_mesh(mesh: trimesh.Trimesh | trimesh.Scene) -> trimesh.Trimesh:
     raise TypeError(f"expected a trimesh Trimesh or Scene, got {type(mesh).__name__}")
 
 
+def companion_name(basename: str) -> str:
+    """The name an OBJ's .mtl and texture are built on: `basename` when it is already safe, else the safe form
+    plus a short hash of `basename`.
+
+    `mtllib` and `map_Kd` end at whitespace in most readers, so companions get a name without any. Replacing
+    characters alone maps `a b` and `a_b` to the same name, and two models in one folder would then share (and
+    overwrite) one .mtl and one texture; the hash keeps distinct basenames apart.
+    """
+    safe = re.sub(r"[^\w.-]", "_", basename)
+    if safe == basename:
+        return basename
+    return f"{safe}-{hashlib.sha256(basename.encode()).hexdigest()[:8]}"
+
+
 def _export_obj(mesh: trimesh.Trimesh, basename: str) -> list[tuple[str, bytes]]:
-    # `mtllib` and `map_Kd` end at whitespace in most readers, so companions get a name without any
-    companion = re.sub(r"[^\w.-]", "_", basename)
+    companion = companion_name(basename)
     mesh = mesh.copy()
     material = getattr(mesh.visual, "material", None)
     if material is not None:

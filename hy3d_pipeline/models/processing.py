@@ -7,6 +7,7 @@ package import.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import time
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hy3d_pipeline.models.generators.base import GenerationError, GenerationSettings, load_generator
+from hy3d_pipeline.models.generators.base import GenerationError, GenerationSettings, load_generator, worker_identity
 from hy3d_pipeline.s3.resources import ImageStorage, ObjectInfo
 
 MODEL_CONTENT_TYPES = {
@@ -65,6 +66,9 @@ class ModelOutcome:
     picture: Any = None  # the model's render (PIL image), for previews in metadata
     input_preview: Any = None  # the input picture (PIL image)
     notes: list[str] = field(default_factory=list)  # what went wrong without costing the model (a picture)
+    settings_fingerprint: str = ""  # of the settings the model was actually made with (see settings_used)
+    octree_resolution: int | None = None  # Hunyuan3D's, as used (lower than asked after a CUDA OOM retry)
+    worker: dict[str, Any] = field(default_factory=dict)  # base.worker_identity() where this outcome was made
 
     def metadata(self) -> dict[str, Any]:
         return {
@@ -76,6 +80,8 @@ class ModelOutcome:
             **self.stats,
             **({"silhouette_iou": self.figures["silhouette_iou"]} if "silhouette_iou" in self.figures else {}),
             **({"thumbnail_url": self.thumbnail_url} if self.thumbnail_url else {}),
+            **({"octree_resolution": self.octree_resolution} if self.octree_resolution is not None else {}),
+            **self.worker,
             **self.timings,
         }
 
@@ -91,11 +97,23 @@ def existing_model(storage: ImageStorage, model_key: str, source: ObjectInfo, se
     stats = json.loads(meta.get(META_STATS) or "{}")
     mesh = stats.get("mesh", {})
     return ModelOutcome(
+        settings_fingerprint=settings.fingerprint(), octree_resolution=stats.get("octree_resolution"),
+        # not regenerated: this process's identity and load count, not those of the one that made the model
+        worker=worker_identity(),
         model_url=f"s3://{storage.models_bucket_name}/{model_key}", model_key=model_key, skipped=True,
         stats={k: mesh[k] for k in ("vertices", "faces", "watertight") if k in mesh}, backend=meta.get(META_GENERATOR, ""),
         foreground_method=stats.get("foreground_method", ""), file_size=int(head.get("ContentLength", 0)),
         figures=mesh, measured=MEASURED_AT_GENERATION,
     )
+
+
+def seed_key_for(storage: ImageStorage, bucket: str, key: str) -> str:
+    """The key an image's seed is derived from, shared by the pipeline and the seed API so one image gives one
+    mesh: the key relative to S3_IMAGES_PREFIX for an object in the images bucket under the prefix, else the
+    full key. (The partition key would differ for keys Dagster needs escaped.)"""
+    if bucket == storage.images_bucket and key.startswith(storage.images_prefix):
+        return storage.relative_key(key)
+    return key
 
 
 def generate_mesh(path: Path, name: str, settings: GenerationSettings, seed_key: str, timer: Timer):
@@ -109,6 +127,16 @@ def generate_mesh(path: Path, name: str, settings: GenerationSettings, seed_key:
     with timer.stage("generate"):
         mesh = generator.generate(prepared, seed=settings.seed_for(seed_key))
     return mesh, prepared, generator
+
+
+def settings_used(settings: GenerationSettings, mesh) -> GenerationSettings:
+    """The settings a mesh was actually made with. Hunyuan3D retries a CUDA OOM at a lower octree resolution
+    and says so in `mesh.metadata`; recording the requested settings would make that coarser model count as
+    done for them, and it would never be regenerated at the resolution asked for."""
+    used = getattr(mesh, "metadata", {}).get("octree_resolution")
+    if isinstance(used, int) and used != settings.octree_resolution:
+        return dataclasses.replace(settings, octree_resolution=used)
+    return settings
 
 
 def upload_model(storage: ImageStorage, model_key: str, mesh, source: ObjectInfo, settings: GenerationSettings,
@@ -139,14 +167,21 @@ def upload_model(storage: ImageStorage, model_key: str, mesh, source: ObjectInfo
             META_SETTINGS: settings.fingerprint(),
             META_GENERATOR: backend,
             # S3 user metadata holds 2 KB: a handful of numbers fits many times over
-            META_STATS: json.dumps({"mesh": stored, "foreground_method": foreground_method}, separators=(",", ":")),
+            META_STATS: json.dumps({"mesh": stored, "foreground_method": foreground_method,
+                                    **_resolution(mesh)}, separators=(",", ":")),
         })
     return ModelOutcome(
+        settings_fingerprint=settings.fingerprint(), **_resolution(mesh),
         model_url=f"s3://{bucket}/{model_key}", model_key=model_key, skipped=False, stats=stats,
         timings=dict(timer.seconds), backend=backend, foreground_method=foreground_method,
         file_size=len(main_data), extra_files=[folder + n for n, _ in files[1:]], figures=dict(figures or {}),
         thumbnail_url=f"s3://{bucket}/{thumbnail_key(model_key)}" if thumbnail else "",
     )
+
+
+def _resolution(mesh) -> dict[str, int]:
+    used = getattr(mesh, "metadata", {}).get("octree_resolution")
+    return {"octree_resolution": used} if isinstance(used, int) else {}
 
 
 def picture_of(mesh, notes: list[str]):
@@ -232,7 +267,8 @@ def _load_model(storage: ImageStorage, model_key: str, output_format: str):
 
 def process_object(storage: ImageStorage, source: ObjectInfo, partition_key: str, settings: GenerationSettings,
                    timer: Timer | None = None, local_path: Path | None = None) -> ModelOutcome:
-    """Generate and upload the model for one source object, unless it already exists for this ETag and settings."""
+    """Generate and upload the model for one source object, unless it already exists for this ETag and settings.
+    `partition_key` is kept for callers; the seed comes from the object key (`seed_key_for`)."""
     timer = timer or Timer()
     model_key = storage.model_key(storage.relative_key(source.key), settings.output_format)
     with timer.stage("check_existing"):
@@ -253,16 +289,20 @@ def process_object(storage: ImageStorage, source: ObjectInfo, partition_key: str
         from hy3d_pipeline.models.checks import measure
         from hy3d_pipeline.models.thumbnails import image_preview, png_bytes
 
-        mesh, prepared, generator = generate_mesh(path, source.url, settings, partition_key, timer)
+        mesh, prepared, generator = generate_mesh(path, source.url, settings,
+                                                  seed_key_for(storage, source.bucket, source.key), timer)
         notes: list[str] = []
         with timer.stage("measure"):
             figures = measure(mesh, prepared.mask)
         with timer.stage("thumbnail"):
             picture = picture_of(mesh, notes)
             preview = image_preview(prepared.rgba)
-        outcome = upload_model(storage, model_key, mesh, source, settings, generator.name, prepared.foreground_method,
-                               timer, figures=figures, thumbnail=png_bytes(picture) if picture is not None else None)
+        outcome = upload_model(storage, model_key, mesh, source, settings_used(settings, mesh), generator.name,
+                               prepared.foreground_method, timer, figures=figures,
+                               thumbnail=png_bytes(picture) if picture is not None else None)
         outcome.picture, outcome.input_preview, outcome.notes = picture, preview, notes
+        # read right after the load that made this generator (generate_mesh), in the process that ran it
+        outcome.worker = worker_identity()
         return outcome
     finally:
         storage.discard_local(path)

@@ -103,6 +103,9 @@ def known_generators() -> tuple[str, ...]:
 _cache: dict[tuple, Generator] = {}
 _lock = threading.Lock()
 load_count: dict[str, int] = {}  # how many times each backend was built in this process (tests, metrics)
+# every build of any backend in this process: what `generator_loads` metadata reports, so a worker that reloads
+# (a settings change, a cache cleared) shows it on the models it makes
+total_loads = 0
 
 
 def _load_key(settings: GenerationSettings) -> tuple:
@@ -116,6 +119,7 @@ def load_generator(settings: GenerationSettings) -> Generator:
         raise GenerationError(
             f"unknown generator {settings.generator!r} (HY3D_GENERATOR); use one of {', '.join(known_generators())}"
         )
+    global total_loads
     key = _load_key(settings)
     with _lock:
         gen = _cache.get(key)
@@ -123,7 +127,16 @@ def load_generator(settings: GenerationSettings) -> Generator:
             module = importlib.import_module(f"hy3d_pipeline.models.generators.{settings.generator}")
             gen = module.build(settings)
             load_count[settings.generator] = load_count.get(settings.generator, 0) + 1
+            total_loads += 1
             _cache.clear()  # one warm model per process: a new configuration frees the old one
             _cache[key] = gen
         gen.settings = settings  # same loaded model; this call's output format and texture mode
         return gen
+
+
+def worker_identity() -> dict[str, Any]:
+    """`worker` (HOST:PID of this process) and `generator_loads` (builds so far in it), for model metadata."""
+    import os
+    import socket
+
+    return {"worker": f"{socket.gethostname()}:{os.getpid()}", "generator_loads": total_loads}
