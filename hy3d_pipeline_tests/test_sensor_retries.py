@@ -107,3 +107,20 @@ def test_event_mode_requests_failed_images_again(events_env, monkeypatch):
     assert execute(ticker, again) == [DagsterRunStatus.FAILURE]
     assert ticker().run_requests == []
     assert [m["attempts"].value for m in gave_up(ticker.instance, "bad.png")] == [2]
+
+
+def test_rows_from_before_retries_are_read_as_one_attempt(ticker, s3, storage, monkeypatch):
+    """Catalog rows written by earlier versions (`etag|tick`) still take part in retries."""
+    monkeypatch.setenv("HY3D_RETRY_BACKOFF_SECONDS", "0")
+    monkeypatch.setenv("HY3D_MAX_ATTEMPTS", "2")
+    put(s3, storage.images_bucket, "old.png")
+    first = ticker()
+    row = "hy3d/images/old.png"
+    value = ticker.instance.run_storage.get_cursor_values({row})[row]
+    ticker.instance.run_storage.set_cursor_values({row: "|".join(value.split("|")[:2])})  # the old format
+    assert execute(ticker, first) == [DagsterRunStatus.FAILURE]
+    again = ticker()
+    assert ticker.requested(again) == ["old.png"]
+    assert execute(ticker, again) == [DagsterRunStatus.FAILURE]
+    assert ticker().run_requests == []
+    assert [m["attempts"].value for m in gave_up(ticker.instance, "old.png")] == [2]
