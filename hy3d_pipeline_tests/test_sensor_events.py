@@ -100,7 +100,7 @@ def test_reconcile_listing_catches_what_the_queue_missed(events_env, monkeypatch
     assert ticker.requested(ticker()) == ["missed.png"]
 
 
-def test_test_event_ignored_and_garbage_left_to_the_redrive_policy(events_env):
+def test_test_event_ignored_and_garbage_left_to_the_redrive_policy(events_env, capfd):
     """Unreadable messages are not deleted: with a redrive policy they end in the dead-letter queue."""
     sqs, ticker = events_env["sqs"], events_env["ticker"]
     dlq = sqs.create_queue(QueueName=events_env["bucket"] + "-dlq")["QueueUrl"]
@@ -111,6 +111,8 @@ def test_test_event_ignored_and_garbage_left_to_the_redrive_policy(events_env):
     sqs.send_message(QueueUrl=events_env["queue"], MessageBody=json.dumps({"Event": "s3:TestEvent", "Bucket": "x"}))
     garbage = sqs.send_message(QueueUrl=events_env["queue"], MessageBody="not json")["MessageId"]
     assert ticker().run_requests == []
+    log = capfd.readouterr().err
+    assert "1 unreadable queue message(s)" in log and garbage in log and "not json" not in log
     ticker()
     assert queue_depth(events_env) == 1  # the test event deleted, the garbage left
     time.sleep(2.5)  # visible again; received once already: the queue moves it to the dead-letter queue

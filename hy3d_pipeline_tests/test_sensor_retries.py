@@ -74,23 +74,27 @@ def test_partly_failed_batch_retries_only_the_failed_images(ticker, s3, storage,
 
 
 def test_run_reported_failed_is_requested_again(ticker, s3, storage, monkeypatch):
-    """A killed run (its worker SIGKILLed) that run monitoring reports failed; a run Dagster will retry is
-    left to Dagster."""
+    """A killed run (its worker SIGKILLed) that run monitoring reports failed, and a cancelled run; a run
+    Dagster will retry is left to Dagster."""
     monkeypatch.setenv("HY3D_RETRY_BACKOFF_SECONDS", "0")
     b = storage.images_bucket
     put(s3, b, "killed.png", png_bytes())
     put(s3, b, "retried.png", png_bytes(shape="box"))
+    put(s3, b, "cancelled.png", png_bytes(color=(20, 200, 40, 255)))
     data = ticker()
     for request in data.run_requests:
         assert request.partition_key is None  # one batch: give each key a run of its own below
     base = data.run_requests[0].tags
     tags = {k: v for k, v in base.items() if not k.startswith(("dagster/asset_partition_range", "hy3d/batch"))}
-    for key, extra in (("killed.png", {}), ("retried.png", {"dagster/will_retry": "true"})):
+    for key, extra in (("killed.png", {}), ("retried.png", {"dagster/will_retry": "true"}), ("cancelled.png", {})):
         run = DagsterRun(job_name="__ASSET_JOB", run_id=str(uuid.uuid4()), status=DagsterRunStatus.STARTED,
                          tags={**tags, "dagster/partition": key, **extra})
         ticker.instance.add_run(run)
-        ticker.instance.report_run_failed(run)
-    assert ticker.requested(ticker()) == ["killed.png"]
+        if key == "cancelled.png":
+            ticker.instance.report_run_canceled(run)
+        else:
+            ticker.instance.report_run_failed(run)
+    assert sorted(ticker.requested(ticker())) == ["cancelled.png", "killed.png"]
 
 
 def test_event_mode_requests_failed_images_again(events_env, monkeypatch):
@@ -107,3 +111,20 @@ def test_event_mode_requests_failed_images_again(events_env, monkeypatch):
     assert execute(ticker, again) == [DagsterRunStatus.FAILURE]
     assert ticker().run_requests == []
     assert [m["attempts"].value for m in gave_up(ticker.instance, "bad.png")] == [2]
+
+
+def test_rows_from_before_retries_are_read_as_one_attempt(ticker, s3, storage, monkeypatch):
+    """Catalog rows written by earlier versions (`etag|tick`) still take part in retries."""
+    monkeypatch.setenv("HY3D_RETRY_BACKOFF_SECONDS", "0")
+    monkeypatch.setenv("HY3D_MAX_ATTEMPTS", "2")
+    put(s3, storage.images_bucket, "old.png")
+    first = ticker()
+    row = "hy3d/images/old.png"
+    value = ticker.instance.run_storage.get_cursor_values({row})[row]
+    ticker.instance.run_storage.set_cursor_values({row: "|".join(value.split("|")[:2])})  # the old format
+    assert execute(ticker, first) == [DagsterRunStatus.FAILURE]
+    again = ticker()
+    assert ticker.requested(again) == ["old.png"]
+    assert execute(ticker, again) == [DagsterRunStatus.FAILURE]
+    assert ticker().run_requests == []
+    assert [m["attempts"].value for m in gave_up(ticker.instance, "old.png")] == [2]
