@@ -38,7 +38,7 @@ def test_postgresql_url_as_users_write_it(pg, s3_env, monkeypatch, tmp_path):
     from hy3d_pipeline.fleet.instance import prepare_dagster_home
     from hy3d_pipeline_tests.conftest import Ticker
 
-    monkeypatch.setenv("DAGSTER_PG_URL", pg.url)
+    monkeypatch.setenv("DAGSTER_PG_URL", pg.database("url_forms"))
     monkeypatch.setenv("HY3D_HOME", str(tmp_path / "home"))
     home = prepare_dagster_home()
     text = (home / "dagster.yaml").read_text()
@@ -103,7 +103,7 @@ def test_fleet_warm_workers_survive_sigkills(pg, redis_server, tmp_path):
     number of runs. A pool process SIGKILLed mid-run and a whole worker SIGKILLed mid-run each cost only the run
     they held: it is marked failed, frees its `gpu` slot, is retried, and every image ends with a model."""
     folder = tmp_path / "fleet"
-    env = {"DAGSTER_PG_URL": pg.url, "HY3D_BROKER_URL": redis_server.url, "HY3D_GPU_SLOTS": "2",
+    env = {"DAGSTER_PG_URL": pg.database("warm_workers"), "HY3D_BROKER_URL": redis_server.url, "HY3D_GPU_SLOTS": "2",
            "HY3D_BATCH_SIZE": "12", "HY3D_MAX_BATCH_SIZE": "12", "HY3D_GENERATOR": "extrude"}
     with DevProcess(folder, sensor_interval=2, env=env) as dev:
         assert "runs wait for `hy3d-pipeline worker`" in dev.log_path.read_text()

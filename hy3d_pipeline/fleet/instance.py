@@ -141,6 +141,20 @@ def prepare_dagster_home(home: Path | None = None, launcher: str | None = None) 
     # moment next, and SQLite tables created by several of them at once end with two alembic heads
     from dagster import DagsterInstance
 
-    with DagsterInstance.get():
-        pass
+    with DagsterInstance.get() as instance:
+        _create_gpu_pool(instance, _int_env("HY3D_GPU_SLOTS", 1))
     return path
+
+
+def _create_gpu_pool(instance, slots: int) -> None:
+    """The `gpu` pool's row, made here rather than by whichever run or daemon first needs it: when two create it
+    at once on Postgres, the loser's transaction is left aborted (Dagster 1.13 retries the insert as an update in
+    the same transaction) and its run fails. A changed HY3D_GPU_SLOTS is applied the same way."""
+    storage = instance.event_log_storage
+    if not storage.supports_global_concurrency_limits:
+        return
+    current = {pool.name: pool for pool in storage.get_pool_limits()}.get("gpu")
+    if current is None:
+        storage.initialize_concurrency_limit_to_default("gpu")
+    elif current.from_default and current.limit != slots:
+        storage.set_concurrency_slots("gpu", slots)
