@@ -26,6 +26,7 @@ from dagster import (
     AssetExecutionContext,
     AssetKey,
     AssetMaterialization,
+    AssetObservation,
     AssetRecordsFilter,
     AssetSpec,
     Backoff,
@@ -226,9 +227,18 @@ def image_to_model(context: AssetExecutionContext, config: ModelsRunConfig, stor
                 if MODELS in selected:
                     outcome = process_object(storage, info, key, settings, timer, local_path=path)
                     path = None  # process_object owns the local copy now
-                    yield AssetMaterialization(asset_key=MODELS, partition=key,
-                                               metadata=_model_metadata(outcome, info, settings))
-                    yield from _check_evaluations(context, key, outcome, settings.max_faces, checks)
+                    if outcome.superseded:
+                        # not a failure (a retry would only be superseded again) and not a materialization (the
+                        # model in S3 is the newer version's): an observation says what happened to this one
+                        context.log.warning(f"image {key!r}: {outcome.superseded}")
+                        yield AssetObservation(asset_key=MODELS, partition=key, metadata={
+                            "superseded": True, "message": outcome.superseded, "source_etag": info.etag,
+                            "current_source_etag": outcome.current_source_etag,
+                            "model_url": MetadataValue.text(outcome.model_url), **outcome.worker})
+                    else:
+                        yield AssetMaterialization(asset_key=MODELS, partition=key,
+                                                   metadata=_model_metadata(outcome, info, settings))
+                        yield from _check_evaluations(context, key, outcome, settings.max_faces, checks)
                 elif checks:  # the checks alone (the UI's "Execute checks"): judge the model there is, make none
                     outcome = _existing_for_checks(storage, info, settings, timer, path)
                     yield from _check_evaluations(context, key, outcome, settings.max_faces, checks)
