@@ -215,6 +215,7 @@ class ImageStorage(S3Resource):
         """
         dest = dest or self.local_path(info)
         if dest.exists() and dest.stat().st_size == info.size:
+            os.utime(dest)  # in use again: young enough that sweep_temp leaves it
             return dest
         tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.part")
         deadline = time.monotonic() + float(self.download_timeout)
@@ -280,6 +281,34 @@ class ImageStorage(S3Resource):
             if err.code == "NoSuchKey":
                 return None
             raise err from exc
+
+    def sweep_temp(self, max_age_s: float | None = None) -> list[Path]:
+        """Delete what dead processes left in the temp folder; returns what was deleted. Called at the start of
+        every generation step; a worker may call it when it starts.
+
+        `.part` files (a download killed mid-write, SIGKILL included) and local copies not modified for
+        `max_age_s` (default 2 x S3_DOWNLOAD_TIMEOUT) go. Age is what tells a dead writer from a live one: a live
+        download writes continuously and ends within S3_DOWNLOAD_TIMEOUT, and a cached copy is touched when it is
+        reused. A live run's copy old enough to be swept is fetched again by that run when it is needed. With
+        S3_CLEANUP_TEMP_FILES false only `.part` files go: the copies are then a cache by choice."""
+        bound = 2 * float(self.download_timeout) if max_age_s is None else float(max_age_s)
+        folder = Path(self.temp_dir or default_temp_dir())
+        if not folder.is_dir():
+            return []
+        cutoff, removed = time.time() - bound, []
+        for entry in os.scandir(folder):
+            if not entry.is_file(follow_symlinks=False):
+                continue
+            if not (entry.name.endswith(".part") or self.cleanup_temp_files):
+                continue
+            try:
+                if entry.stat(follow_symlinks=False).st_mtime > cutoff:
+                    continue
+                os.unlink(entry.path)
+            except FileNotFoundError:  # another process swept it first
+                continue
+            removed.append(Path(entry.path))
+        return removed
 
     def discard_local(self, path: Path) -> None:
         if self.cleanup_temp_files:
