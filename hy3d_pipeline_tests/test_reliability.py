@@ -125,3 +125,61 @@ def test_run_killed_mid_batch_then_retried(own_server, instance, monkeypatch):
     assert _models(storage) == {f"models/{k}.glb" for k in KEYS}
     assert all(counts[k] == 1 for k in KEYS), counts  # nothing generated twice for the same ETag and settings
     assert list(Path(storage.temp_dir).glob("*.png")) == []
+
+
+def _count_downloads(monkeypatch) -> Counter:
+    from hy3d_pipeline.s3.resources import ImageStorage
+
+    counts: Counter = Counter()
+    original = ImageStorage.download
+
+    def counting(self, info, dest=None):
+        counts[info.key] += 1
+        return original(self, info, dest)
+
+    monkeypatch.setattr(ImageStorage, "download", counting)
+    return counts
+
+
+def _overwritten_between_head_and_get(monkeypatch, storage, key: str) -> None:
+    """A real transient fault, once: the object is overwritten right after its HEAD, so the download's GET
+    (conditional on the ETag the HEAD saw) gets 412 from SeaweedFS."""
+    from hy3d_pipeline.s3.resources import ImageStorage
+
+    original, fired = ImageStorage.head, []
+
+    def head(self, bucket, k):
+        info = original(self, bucket, k)
+        if k == key and not fired:
+            fired.append(1)
+            storage.client().put_object(Bucket=bucket, Key=k, Body=png_bytes((90, 70), shape="box"))
+        return info
+
+    monkeypatch.setattr(ImageStorage, "head", head)
+
+
+@pytest.mark.parametrize("image_attempts", ["3", "1"])
+def test_one_transient_failure_redoes_no_good_image(own_server, instance, monkeypatch, image_attempts):
+    """With 3 attempts the flaky image is retried on its own; with 1 the step's retry policy takes over, and the
+    retry skips what this run already recorded. Either way each good image is downloaded and generated once."""
+    server, storage = own_server
+    monkeypatch.setenv("HY3D_IMAGE_ATTEMPTS", image_attempts)
+    monkeypatch.setenv("HY3D_IMAGE_RETRY_DELAY", "0.05")
+    generated, downloaded = _count_generations(monkeypatch), _count_downloads(monkeypatch)
+    flaky = KEYS[2]
+    _overwritten_between_head_and_get(monkeypatch, storage, flaky)
+    instance.add_dynamic_partitions("images", KEYS)
+    result = _run(instance, storage)
+    assert result.success
+    step_retried = any(e.event_type_value == "STEP_UP_FOR_RETRY" for e in result.all_events)
+    assert step_retried == (image_attempts == "1")
+    assert _models(storage) == {f"models/{k}.glb" for k in KEYS}
+    assert all(generated[k] == 1 for k in KEYS), generated
+    assert all(downloaded[k] == 1 for k in KEYS if k != flaky), downloaded
+    assert downloaded[flaky] == 2  # the 412, then the new version
+    current = storage.head(storage.images_bucket, flaky).etag
+    head = storage.client().head_object(Bucket=storage.images_bucket, Key=f"models/{flaky}.glb")
+    assert head["Metadata"]["hy3d-source-etag"] == current
+    models = [e for e in result.all_events if e.is_step_materialization and e.asset_key == AssetKey("models_3d")]
+    assert len(models) == len(KEYS)  # recorded once each, step retry or not
+    assert list(Path(storage.temp_dir).iterdir()) == []

@@ -13,7 +13,9 @@ from the step, and a batch step spans a range), so the step records `AssetCheckE
 """
 
 
+import os
 import socket
+import time
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -26,6 +28,7 @@ from dagster import (
     AssetExecutionContext,
     AssetKey,
     AssetMaterialization,
+    AssetObservation,
     AssetRecordsFilter,
     AssetSpec,
     Backoff,
@@ -178,6 +181,42 @@ def _existing_for_checks(storage: ImageStorage, info: ObjectInfo, settings, time
     return complete_existing(storage, done, info, settings, path, timer)
 
 
+def image_attempts() -> int:
+    """Tries per image for transient failures (HY3D_IMAGE_ATTEMPTS, default 3)."""
+    return max(1, int(os.getenv("HY3D_IMAGE_ATTEMPTS") or 3))
+
+
+def image_retry_delay() -> float:
+    """Seconds before an image's first retry, doubled for each further one (HY3D_IMAGE_RETRY_DELAY, default 1)."""
+    return max(0.0, float(os.getenv("HY3D_IMAGE_RETRY_DELAY") or 1.0))
+
+
+def _done_earlier_in_run(context: AssetExecutionContext, keys: list[str], selected) -> set[str]:
+    """Keys whose every selected asset was recorded by an earlier attempt of this step (this run's event log).
+
+    The step keeps its retry policy for faults that outlast an image's own attempts (S3 away for longer), but
+    a step retry must not download and regenerate, or record again, the images that were fine. A process that
+    dies ends the run instead; a re-executed run finds their models by ETag and settings (existing_model)."""
+    from dagster import DagsterEventType
+
+    wanted = {SOURCE, LOCAL, MODELS} & set(selected)
+    if not wanted:
+        return set()
+    seen: dict[str, set[AssetKey]] = {}
+    records = context.instance.get_records_for_run(
+        context.run_id, of_type={DagsterEventType.ASSET_MATERIALIZATION, DagsterEventType.ASSET_OBSERVATION}).records
+    for record in records:
+        event = record.event_log_entry.dagster_event
+        data = event.event_specific_data if event else None
+        recorded = getattr(data, "materialization", None) or getattr(data, "asset_observation", None)
+        if recorded is None or recorded.partition is None:
+            continue
+        if isinstance(recorded, AssetObservation) and not recorded.metadata.get("superseded"):
+            continue
+        seen.setdefault(recorded.partition, set()).add(recorded.asset_key)
+    return {k for k in keys if wanted <= seen.get(k, set())}
+
+
 @multi_asset(
     name="image_to_model",
     specs=specs,
@@ -202,50 +241,92 @@ def image_to_model(context: AssetExecutionContext, config: ModelsRunConfig, stor
     failures: dict[str, tuple[str, bool]] = {}
     host = socket.gethostname()
 
-    with ThreadPoolExecutor(max_workers=PREFETCH, thread_name_prefix="hy3d-fetch") as pool:
-        futures: dict[str, Future] = {}
+    # what dead runs left (a SIGKILLed download's .part, copies no one consumed); live writers are too young
+    storage.sweep_temp()
+    done = _done_earlier_in_run(context, keys, selected) if context.retry_number > 0 else set()
+    if done:
+        context.log.info(f"step retry {context.retry_number}: {len(done)} image(s) already done in this run, "
+                         "not redone")
+    todo = [k for k in keys if k not in done]
+    attempts, first_delay = image_attempts(), image_retry_delay()
 
-        def ahead(i: int) -> None:
-            for k in keys[i:i + PREFETCH + 1]:
-                if k not in futures:
-                    futures[k] = pool.submit(_fetch, storage, k, want_local, LOCAL in selected)
+    pool = ThreadPoolExecutor(max_workers=PREFETCH, thread_name_prefix="hy3d-fetch")
+    futures: dict[str, Future] = {}
 
-        for i, key in enumerate(keys):
+    def ahead(i: int) -> None:
+        for k in todo[i:i + PREFETCH + 1]:
+            if k not in futures:
+                futures[k] = pool.submit(_fetch, storage, k, want_local, LOCAL in selected)
+
+    try:
+        for i, key in enumerate(todo):
             ahead(i)
-            path = None
-            try:
-                info, path, verified, timer, error = futures.pop(key).result()
-                if SOURCE in selected:
-                    yield AssetMaterialization(asset_key=SOURCE, partition=key, metadata=_source_metadata(info),
-                                               tags={DATA_VERSION_TAG: info.etag})
-                if error is not None:
-                    raise error
-                if LOCAL in selected:
-                    yield AssetMaterialization(asset_key=LOCAL, partition=key, metadata={
-                        "path": MetadataValue.path(str(path)), "host": host, "etag": info.etag, "size": info.size,
-                        **(verified or {}),
-                    })
-                if MODELS in selected:
-                    outcome = process_object(storage, info, key, settings, timer, local_path=path)
-                    path = None  # process_object owns the local copy now
-                    yield AssetMaterialization(asset_key=MODELS, partition=key,
-                                               metadata=_model_metadata(outcome, info, settings))
-                    yield from _check_evaluations(context, key, outcome, settings.max_faces, checks)
-                elif checks:  # the checks alone (the UI's "Execute checks"): judge the model there is, make none
-                    outcome = _existing_for_checks(storage, info, settings, timer, path)
-                    yield from _check_evaluations(context, key, outcome, settings.max_faces, checks)
-            except S3AccessError as exc:
-                failures[key] = (str(exc), exc.transient)
-            except (GenerationError, ValueError) as exc:  # ImageRejected is a ValueError
-                failures[key] = (str(exc), False)
-            except Exception as exc:  # noqa: BLE001 - one image's surprise must not cost the others theirs
-                failures[key] = (f"{type(exc).__name__}: {exc}", False)
-            finally:
-                # a copy stays only when `local_images` was materialized for inspection and nothing used it up
-                if path is not None and (MODELS in selected or LOCAL not in selected):
-                    storage.discard_local(path)
+            emitted: dict[AssetKey, str] = {}  # asset -> ETag recorded, so a retry records a version only once
+            for attempt in range(attempts):
+                path = None
+                try:
+                    # a retry fetches afresh (HEAD too): the fault may have been the object changing
+                    info, path, verified, timer, error = (futures.pop(key).result() if attempt == 0 else
+                                                          _fetch(storage, key, want_local, LOCAL in selected))
+                    if SOURCE in selected and emitted.get(SOURCE) != info.etag:
+                        emitted[SOURCE] = info.etag
+                        yield AssetMaterialization(asset_key=SOURCE, partition=key, metadata=_source_metadata(info),
+                                                   tags={DATA_VERSION_TAG: info.etag})
+                    if error is not None:
+                        raise error
+                    if LOCAL in selected and emitted.get(LOCAL) != info.etag:
+                        emitted[LOCAL] = info.etag
+                        yield AssetMaterialization(asset_key=LOCAL, partition=key, metadata={
+                            "path": MetadataValue.path(str(path)), "host": host, "etag": info.etag, "size": info.size,
+                            **(verified or {}),
+                        })
+                    if MODELS in selected:
+                        outcome = process_object(storage, info, key, settings, timer, local_path=path)
+                        path = None  # process_object owns the local copy now
+                        if outcome.superseded:
+                            # not a failure (a retry would only be superseded again) and not a materialization (the
+                            # model in S3 is the newer version's): an observation says what happened to this one
+                            context.log.warning(f"image {key!r}: {outcome.superseded}")
+                            yield AssetObservation(asset_key=MODELS, partition=key, metadata={
+                                "superseded": True, "message": outcome.superseded, "source_etag": info.etag,
+                                "current_source_etag": outcome.current_source_etag,
+                                "model_url": MetadataValue.text(outcome.model_url), **outcome.worker})
+                        else:
+                            yield AssetMaterialization(asset_key=MODELS, partition=key,
+                                                       metadata=_model_metadata(outcome, info, settings))
+                            yield from _check_evaluations(context, key, outcome, settings.max_faces, checks)
+                    elif checks:  # the checks alone (the UI's "Execute checks"): judge the model there is, make none
+                        outcome = _existing_for_checks(storage, info, settings, timer, path)
+                        yield from _check_evaluations(context, key, outcome, settings.max_faces, checks)
+                    failures.pop(key, None)
+                except S3AccessError as exc:
+                    failures[key] = (str(exc), exc.transient)
+                except (GenerationError, ValueError) as exc:  # ImageRejected is a ValueError
+                    failures[key] = (str(exc), False)
+                except Exception as exc:  # noqa: BLE001 - one image's surprise must not cost the others theirs
+                    failures[key] = (f"{type(exc).__name__}: {exc}", False)
+                finally:
+                    # a copy stays only when `local_images` was materialized for inspection and nothing used it up
+                    if path is not None and (MODELS in selected or LOCAL not in selected):
+                        storage.discard_local(path)
+                if key not in failures or not failures[key][1] or attempt + 1 == attempts:
+                    break
+                # transient: this image alone is tried again, the good ones of the batch are not redone
+                delay = first_delay * 2 ** attempt
+                context.log.warning(f"image {key!r} failed (attempt {attempt + 1} of {attempts}), "
+                                    f"retrying in {delay:g} s: {failures[key][0]}")
+                time.sleep(delay)
             if key in failures:
                 context.log.error(f"image {key!r} failed: {failures[key][0]}")
+    finally:
+        # on any exit (a raise, a terminated run): prefetched copies nothing will consume are deleted here, not
+        # left for a later sweep; a download in flight is waited for (bounded by S3_DOWNLOAD_TIMEOUT)
+        for future in futures.values():
+            future.cancel()
+        pool.shutdown(wait=True)
+        for future in futures.values():
+            if not future.cancelled() and future.exception() is None and future.result()[1] is not None:
+                storage.discard_local(future.result()[1])
 
     # one output per selected check, as Dagster expects of a step with checks; the evaluations above carry the results
     names = {spec.key: name for name, spec in context.assets_def.check_specs_by_output_name.items()}

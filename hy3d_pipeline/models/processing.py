@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from hy3d_pipeline.models.generators.base import GenerationError, GenerationSettings, load_generator, worker_identity
+from hy3d_pipeline.s3.errors import S3AccessError
 from hy3d_pipeline.s3.resources import ImageStorage, ObjectInfo
 
 MODEL_CONTENT_TYPES = {
@@ -69,6 +70,8 @@ class ModelOutcome:
     settings_fingerprint: str = ""  # of the settings the model was actually made with (see settings_used)
     octree_resolution: int | None = None  # Hunyuan3D's, as used (lower than asked after a CUDA OOM retry)
     worker: dict[str, Any] = field(default_factory=dict)  # base.worker_identity() where this outcome was made
+    superseded: str = ""  # why nothing was uploaded: the source changed meanwhile (see _claim); else empty
+    current_source_etag: str = ""
 
     def metadata(self) -> dict[str, Any]:
         return {
@@ -154,22 +157,37 @@ def upload_model(storage: ImageStorage, model_key: str, mesh, source: ObjectInfo
     folder = model_key.rsplit("/", 1)[0] + "/" if "/" in model_key else ""
     bucket = storage.models_bucket_name
     stored = figures or {k: stats[k] for k in ("vertices", "faces", "watertight")}
+    main_name, main_data = files[0]
+    metadata = {
+        META_SOURCE_ETAG: source.etag,
+        META_SETTINGS: settings.fingerprint(),
+        META_GENERATOR: backend,
+        # S3 user metadata holds 2 KB: a handful of numbers fits many times over
+        META_STATS: json.dumps({"mesh": stored, "foreground_method": foreground_method, **_resolution(mesh)},
+                               separators=(",", ":")),
+    }
     with timer.stage("upload"):
-        # companions (obj's .mtl and texture, the picture) first: the main file's arrival means the model is complete
-        for name, data in files[1:]:
-            ext = name.rsplit(".", 1)[-1].lower()
-            storage.upload(bucket, folder + name, data, content_type=MODEL_CONTENT_TYPES.get(ext, "application/octet-stream"))
-        if thumbnail:
-            storage.upload(bucket, thumbnail_key(model_key), thumbnail, content_type="image/png")
-        main_name, main_data = files[0]
-        storage.upload(bucket, model_key, main_data, content_type=MODEL_CONTENT_TYPES[settings.output_format], metadata={
-            META_SOURCE_ETAG: source.etag,
-            META_SETTINGS: settings.fingerprint(),
-            META_GENERATOR: backend,
-            # S3 user metadata holds 2 KB: a handful of numbers fits many times over
-            META_STATS: json.dumps({"mesh": stored, "foreground_method": foreground_method,
-                                    **_resolution(mesh)}, separators=(",", ":")),
-        })
+        for _ in range(WRITE_ATTEMPTS):
+            condition = _claim(storage, model_key, source)
+            # companions (obj's .mtl and texture, the picture) first: the main file's arrival means the model is
+            # complete
+            for name, data in files[1:]:
+                ext = name.rsplit(".", 1)[-1].lower()
+                storage.upload(bucket, folder + name, data,
+                               content_type=MODEL_CONTENT_TYPES.get(ext, "application/octet-stream"))
+            if thumbnail:
+                storage.upload(bucket, thumbnail_key(model_key), thumbnail, content_type="image/png")
+            try:
+                storage.upload(bucket, model_key, main_data, content_type=MODEL_CONTENT_TYPES[settings.output_format],
+                               metadata=metadata, **condition)
+                break
+            except S3AccessError as exc:
+                if exc.code != "PreconditionFailed":
+                    raise
+                # another run wrote the model since _claim looked: look again (it may be newer than ours)
+        else:
+            raise S3AccessError(f"s3://{bucket}/{model_key} kept changing while this run wrote it "
+                                f"({WRITE_ATTEMPTS} attempts)", transient=True, code="PreconditionFailed")
     return ModelOutcome(
         settings_fingerprint=settings.fingerprint(), **_resolution(mesh),
         model_url=f"s3://{bucket}/{model_key}", model_key=model_key, skipped=False, stats=stats,
@@ -177,6 +195,36 @@ def upload_model(storage: ImageStorage, model_key: str, mesh, source: ObjectInfo
         file_size=len(main_data), extra_files=[folder + n for n, _ in files[1:]], figures=dict(figures or {}),
         thumbnail_url=f"s3://{bucket}/{thumbnail_key(model_key)}" if thumbnail else "",
     )
+
+
+class Superseded(Exception):
+    """The source changed after this run read it: a run for the newer version makes (or made) the model."""
+
+    def __init__(self, source: ObjectInfo, current_etag: str) -> None:
+        super().__init__(f"{source.url} changed while its model was made (ETag {source.etag} -> {current_etag}): "
+                         "the model of the newer version is kept, this one is not uploaded")
+        self.current_etag = current_etag
+
+
+WRITE_ATTEMPTS = 3
+
+
+def _claim(storage: ImageStorage, model_key: str, source: ObjectInfo) -> dict[str, Any]:
+    """The condition under which this run may write the model, or Superseded.
+
+    Runs for two versions of one image can overlap, and the older can finish last. So the source is looked at
+    again right before the write: if its ETag is no longer the one this run read, the model belongs to the newer
+    version and is left alone, whether that run finished first or is still going. The look and the write are
+    tied by a conditional PUT on the model as it was before the look (If-Match its ETag, or If-None-Match `*`
+    when there was none), so a newer model that lands in between makes the write fail instead of being
+    overwritten. Conditional writes (AWS since 2024, SeaweedFS 4.x: tried) rather than version-addressed keys,
+    because model keys are the contract's `<prefix><image key>.<format>`. A deleted source does not stop the
+    write: the version read is the last there was."""
+    head = storage.head_or_none(storage.models_bucket_name, model_key)
+    current = storage.head_or_none(source.bucket, source.key)
+    if current is not None and current["ETag"].strip('"') != source.etag:
+        raise Superseded(source, current["ETag"].strip('"'))
+    return {"if_match": head["ETag"]} if head else {"if_none_match": True}
 
 
 def _resolution(mesh) -> dict[str, int]:
@@ -297,9 +345,15 @@ def process_object(storage: ImageStorage, source: ObjectInfo, partition_key: str
         with timer.stage("thumbnail"):
             picture = picture_of(mesh, notes)
             preview = image_preview(prepared.rgba)
-        outcome = upload_model(storage, model_key, mesh, source, settings_used(settings, mesh), generator.name,
-                               prepared.foreground_method, timer, figures=figures,
-                               thumbnail=png_bytes(picture) if picture is not None else None)
+        try:
+            outcome = upload_model(storage, model_key, mesh, source, settings_used(settings, mesh), generator.name,
+                                   prepared.foreground_method, timer, figures=figures,
+                                   thumbnail=png_bytes(picture) if picture is not None else None)
+        except Superseded as exc:
+            return ModelOutcome(model_url=f"s3://{storage.models_bucket_name}/{model_key}", model_key=model_key,
+                                skipped=False, stats={}, timings=dict(timer.seconds), backend=generator.name,
+                                superseded=str(exc), current_source_etag=exc.current_etag,
+                                worker=worker_identity())
         outcome.picture, outcome.input_preview, outcome.notes = picture, preview, notes
         # read right after the load that made this generator (generate_mesh), in the process that ran it
         outcome.worker = worker_identity()

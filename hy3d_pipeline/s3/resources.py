@@ -233,6 +233,7 @@ class ImageStorage(S3Resource):
         """
         dest = dest or self.local_path(info)
         if dest.exists() and dest.stat().st_size == info.size:
+            os.utime(dest)  # in use again: young enough that sweep_temp leaves it
             return dest
         tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.part")
         deadline = time.monotonic() + float(self.download_timeout)
@@ -267,12 +268,25 @@ class ImageStorage(S3Resource):
             tmp.unlink(missing_ok=True)
 
     def upload(self, bucket: str, key: str, data: bytes, *, content_type: str = "application/octet-stream",
-               metadata: dict[str, str] | None = None) -> str:
-        """Put `data`; returns the new ETag."""
+               metadata: dict[str, str] | None = None, if_match: str | None = None,
+               if_none_match: bool = False) -> str:
+        """Put `data`; returns the new ETag. With `if_match` (an ETag) or `if_none_match` (no object may exist)
+        the write is conditional, and an S3AccessError with code PreconditionFailed says the object changed."""
+        condition = {"IfMatch": if_match} if if_match else {"IfNoneMatch": "*"} if if_none_match else {}
+        put = dict(Bucket=bucket, Key=key, Body=data, ContentType=content_type, Metadata=metadata or {})
         try:
-            r = self.client().put_object(Bucket=bucket, Key=key, Body=data, ContentType=content_type,
-                                         Metadata=metadata or {})
+            try:
+                r = self.client().put_object(**put, **condition)
+            except Exception as exc:  # noqa: BLE001
+                # a store that predates conditional writes (older MinIO, Ceph) refuses the header outright; the
+                # caller's own check of the source still holds there, only the race window is back
+                if not (condition and _error_code(exc) == "NotImplemented"):
+                    raise
+                r = self.client().put_object(**put)
         except Exception as exc:  # noqa: BLE001
+            if condition and _error_code(exc) in ("PreconditionFailed", "ConditionalRequestConflict"):
+                raise S3AccessError(f"s3://{bucket}/{key} was written by someone else meanwhile", transient=True,
+                                    code="PreconditionFailed") from exc
             raise translate(exc, bucket, key, endpoint=self.endpoint_url) from exc
         return r["ETag"].strip('"')
 
@@ -286,10 +300,42 @@ class ImageStorage(S3Resource):
                 return None
             raise err from exc
 
+    def sweep_temp(self, max_age_s: float | None = None) -> list[Path]:
+        """Delete what dead processes left in the temp folder; returns what was deleted. Called at the start of
+        every generation step; a worker may call it when it starts.
+
+        `.part` files (a download killed mid-write, SIGKILL included) and local copies not modified for
+        `max_age_s` (default 2 x S3_DOWNLOAD_TIMEOUT) go. Age is what tells a dead writer from a live one: a live
+        download writes continuously and ends within S3_DOWNLOAD_TIMEOUT, and a cached copy is touched when it is
+        reused. A live run's copy old enough to be swept is fetched again by that run when it is needed. With
+        S3_CLEANUP_TEMP_FILES false only `.part` files go: the copies are then a cache by choice."""
+        bound = 2 * float(self.download_timeout) if max_age_s is None else float(max_age_s)
+        folder = Path(self.temp_dir or default_temp_dir())
+        if not folder.is_dir():
+            return []
+        cutoff, removed = time.time() - bound, []
+        for entry in os.scandir(folder):
+            if not entry.is_file(follow_symlinks=False):
+                continue
+            if not (entry.name.endswith(".part") or self.cleanup_temp_files):
+                continue
+            try:
+                if entry.stat(follow_symlinks=False).st_mtime > cutoff:
+                    continue
+                os.unlink(entry.path)
+            except FileNotFoundError:  # another process swept it first
+                continue
+            removed.append(Path(entry.path))
+        return removed
+
     def discard_local(self, path: Path) -> None:
         if self.cleanup_temp_files:
             path.unlink(missing_ok=True)
 
+
+
+def _error_code(exc: BaseException) -> str:
+    return str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
 
 
 def _bare_status(exc: BaseException) -> bool:
