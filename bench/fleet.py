@@ -61,7 +61,7 @@ def upload(s3, bucket: str, n: int) -> None:
 def loads(dev) -> tuple[int, int, int]:
     """(runs, distinct generating processes, total generator loads) from the instance."""
     data = dev.graphql('{ runsOrError { ... on Runs { count } } assetOrError(assetKey: {path: ["models_3d"]}) '
-                       '{ ... on Asset { assetMaterializations(limit: 100000) { metadataEntries { label '
+                       '{ ... on Asset { assetMaterializations(limit: 10000) { metadataEntries { label '
                        '... on TextMetadataEntry { text } ... on IntMetadataEntry { intValue } } } } } }')
     per_worker: dict[str, int] = {}
     for m in data["assetOrError"]["assetMaterializations"]:

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -79,8 +80,11 @@ class DevProcess:
         req = urllib.request.Request(f"http://127.0.0.1:{self.port}/graphql",
                                      data=json.dumps({"query": query}).encode(),
                                      headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            return json.load(resp)["data"]
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                return json.load(resp)["data"]
+        except urllib.error.HTTPError as exc:
+            raise RuntimeError(f"GraphQL answered {exc.code}: {exc.read()[:2000]!r}") from None
 
     def partitions(self) -> dict[str, list[str]]:
         data = self.graphql("{ assetNodes { assetKey { path } partitionKeys } }")
@@ -94,7 +98,7 @@ class DevProcess:
     def materializations(self, asset: str = "models_3d") -> list[dict]:
         """Each materialization's partition, run id and text/int metadata."""
         data = self.graphql(f'{{ assetOrError(assetKey: {{path: ["{asset}"]}}) {{ ... on Asset {{ '
-                            'assetMaterializations(limit: 100000) { partition runId metadataEntries { label '
+                            'assetMaterializations(limit: 10000) { partition runId metadataEntries { label '
                             '... on TextMetadataEntry { text } ... on IntMetadataEntry { intValue } } } } } }')
         out = []
         for m in data["assetOrError"]["assetMaterializations"]:

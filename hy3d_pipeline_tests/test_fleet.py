@@ -133,7 +133,7 @@ def test_fleet_warm_workers_survive_sigkills(pg, redis_server, tmp_path):
             runs = dev.runs()
             killed = {r["id"]: r["status"] for r in runs if r["id"] in (run["id"], run_b["id"])}
             assert killed == {run["id"]: "FAILURE", run_b["id"]: "FAILURE"}, killed
-            assert all(r["status"] in ("SUCCESS", "FAILURE") for r in runs), runs  # nothing left hanging
+            assert all(r["status"] in ("SUCCESS", "FAILURE") for r in runs), [(r["id"][:8], r["status"], {k: v for k, v in r["tags"].items() if k.startswith(("dagster/", "hy3d"))}) for r in runs]  # nothing left hanging
             materialized = dev.materializations()
             loads = {m["worker"]: m["generator_loads"] for m in materialized}
             assert all(v == 1 for v in loads.values()), loads  # one load per worker process, however many runs

@@ -280,7 +280,9 @@ def test_worker_and_generator_loads_in_metadata(instance, storage, s3, monkeypat
         meta = latest_metadata(instance, "models_3d", key)
         assert meta["skipped_existing"] is False
         assert meta["worker"] == f"{socket.gethostname()}:{os.getpid()}" and meta["generator_loads"] == 1
-    # not regenerated: this process's values, the warm generator still counted once
+    # not regenerated, by a process that never loaded a generator: the model's maker, as stored with it
+    monkeypatch.setattr(base, "total_loads", 0, raising=False)
     assert materialize([image_to_model], instance=instance, resources=defs.resources, partition_key="one.png").success
     meta = latest_metadata(instance, "models_3d", "one.png")
     assert meta["skipped_existing"] is True and meta["generator_loads"] == 1
+    assert meta["worker"] == f"{socket.gethostname()}:{os.getpid()}"

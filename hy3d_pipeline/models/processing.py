@@ -101,8 +101,9 @@ def existing_model(storage: ImageStorage, model_key: str, source: ObjectInfo, se
     mesh = stats.get("mesh", {})
     return ModelOutcome(
         settings_fingerprint=settings.fingerprint(), octree_resolution=stats.get("octree_resolution"),
-        # not regenerated: this process's identity and load count, not those of the one that made the model
-        worker=worker_identity(),
+        # not regenerated: the process that made the model, as recorded with it (models from before that was
+        # recorded carry none)
+        worker=stats.get("worker") or {},
         model_url=f"s3://{storage.models_bucket_name}/{model_key}", model_key=model_key, skipped=True,
         stats={k: mesh[k] for k in ("vertices", "faces", "watertight") if k in mesh}, backend=meta.get(META_GENERATOR, ""),
         foreground_method=stats.get("foreground_method", ""), file_size=int(head.get("ContentLength", 0)),
@@ -163,8 +164,9 @@ def upload_model(storage: ImageStorage, model_key: str, mesh, source: ObjectInfo
         META_SETTINGS: settings.fingerprint(),
         META_GENERATOR: backend,
         # S3 user metadata holds 2 KB: a handful of numbers fits many times over
-        META_STATS: json.dumps({"mesh": stored, "foreground_method": foreground_method, **_resolution(mesh)},
-                               separators=(",", ":")),
+        # and which process made it: a model that is not regenerated still names its maker
+        META_STATS: json.dumps({"mesh": stored, "foreground_method": foreground_method, **_resolution(mesh),
+                                "worker": worker_identity()}, separators=(",", ":")),
     }
     with timer.stage("upload"):
         for _ in range(WRITE_ATTEMPTS):
