@@ -36,3 +36,48 @@ def test_demo_end_to_end(tmp_path):
 
     secret = json.loads(creds)["secret_key"]
     assert secret not in first.stdout + first.stderr
+
+
+def test_demo_killed_mid_run_then_run_again(tmp_path):
+    """`kill -9` of a demo while its run generates: the run stays STARTED holding the only `gpu` slot. The next
+    demo fails that run, frees the slot, requests its images again and ends with every model, exit 0."""
+    import signal
+    import time
+
+    from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
+
+    cmd = [sys.executable, "-m", "hy3d_pipeline.cli", "demo"]
+    env = _env(tmp_path)
+    first = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    db = tmp_path / ".hy3d" / "dagster" / "dagster.yaml"
+    killed = None
+    try:
+        deadline = time.monotonic() + 120
+        while not db.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # the demo creates the storage right after writing dagster.yaml
+        os.environ["DAGSTER_HOME"] = str(db.parent)
+        try:
+            with DagsterInstance.get() as instance:
+                while killed is None and time.monotonic() < deadline and first.poll() is None:
+                    runs = instance.get_runs(RunsFilter(statuses=[DagsterRunStatus.STARTED]))
+                    if runs:
+                        first.send_signal(signal.SIGKILL)
+                        killed = runs[0].run_id
+                    time.sleep(0.02)
+        finally:
+            os.environ.pop("DAGSTER_HOME", None)
+        first.wait(30)
+        assert killed is not None, "the demo's run was never seen started"
+        # SeaweedFS has its own session: the killed demo could not stop it
+        subprocess.run(["pkill", "-f", str(tmp_path / ".hy3d" / "seaweedfs")])
+        time.sleep(6)
+        second = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert second.returncode == 0, second.stdout + second.stderr
+        assert f"run {killed}: the process running this run" in second.stdout
+        lines = [line for line in second.stdout.splitlines() if " -> s3://" in line]
+        assert len(lines) == 5 and not [line for line in second.stdout.splitlines() if "FAILED" in line]
+    finally:
+        if first.poll() is None:
+            first.kill()
+        subprocess.run(["pkill", "-f", str(tmp_path / ".hy3d" / "seaweedfs")])

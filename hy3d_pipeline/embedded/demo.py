@@ -8,6 +8,7 @@ reported, including those made by earlier runs.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 
 from dagster import DagsterInstance, build_sensor_context, materialize
@@ -33,6 +34,7 @@ def apply_sensor_records(instance, result) -> None:
 def execute_sensor_result(defs, instance, result, log_level: str = "WARNING") -> tuple[int, dict[str, str]]:
     """Apply a sensor's result like the daemon: partitions first, then each run request, in-process.
     Returns (runs executed, failure message per partition key)."""
+    from hy3d_pipeline.fleet.liveness import in_process_tags
     from hy3d_pipeline.models.assets import image_to_model
 
     apply_sensor_records(instance, result)
@@ -40,7 +42,7 @@ def execute_sensor_result(defs, instance, result, log_level: str = "WARNING") ->
     for request in result.run_requests or []:
         outcome = materialize(
             [image_to_model], instance=instance, resources=defs.resources, selection=request.asset_selection,
-            partition_key=request.partition_key, tags=request.tags, raise_on_error=False,
+            partition_key=request.partition_key, tags={**request.tags, **in_process_tags()}, raise_on_error=False,
             run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
         )
         for event in outcome.get_step_failure_events():
@@ -97,6 +99,9 @@ def run_demo(out=print) -> int:
         defs = build_defs()
         storage: ImageStorage = defs.resources["storage"]
         instance = stack.enter_context(DagsterInstance.get())
+        # one tick and done: images of an unfinished run are requested again now, not after a backoff that
+        # only a later tick would honour
+        os.environ.setdefault("HY3D_RETRY_BACKOFF_SECONDS", "0")
         recover_dead_runs(instance, out)
         data = tick(defs, instance)
         runs, failures = execute_sensor_result(defs, instance, data)

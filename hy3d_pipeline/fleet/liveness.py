@@ -15,6 +15,7 @@ import socket
 
 WORKER_TAG = "hy3d/worker"  # HOST:PID of the process executing the run's step
 WORKER_RUN_TAG = "hy3d/worker_run"  # the run that set WORKER_TAG: a retried run inherits its parent's tags
+IN_PROCESS = "in-process"  # WORKER_RUN_TAG of a run created by the process that executes it (`demo`)
 
 
 def this_host() -> str:
@@ -60,7 +61,9 @@ def _engine_pid(instance, run_id: str) -> int | None:
 
 def run_process(instance, run) -> tuple[str, int] | None:
     """(host, pid) of the process running `run`, when known."""
-    tag = run.tags.get(WORKER_TAG, "") if run.tags.get(WORKER_RUN_TAG) == run.run_id else ""
+    owner = run.tags.get(WORKER_RUN_TAG)
+    own = owner == run.run_id or (owner == IN_PROCESS and "dagster/parent_run_id" not in run.tags)
+    tag = run.tags.get(WORKER_TAG, "") if own else ""
     host, _, pid = tag.rpartition(":")
     if host and pid.isdigit():
         return host, int(pid)
@@ -79,6 +82,12 @@ def run_alive(instance, run, started_at: float | None) -> bool | None:
     if found is None or found[0] != this_host():
         return None
     return process_alive(found[1], started_at)
+
+
+def in_process_tags() -> dict[str, str]:
+    """Tags for a run executed by the process that creates it: known to be this process's before its step
+    starts, so a kill at any moment is seen."""
+    return {WORKER_TAG: worker_id(), WORKER_RUN_TAG: IN_PROCESS}
 
 
 def mark_run_process(context) -> None:
