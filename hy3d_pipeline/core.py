@@ -58,9 +58,12 @@ def generate_3d_from_image_core(
     try:
         return _generate(image_path, with_texture, output_format, progress_callback, start, output_dir)
     except Exception as exc:  # noqa: BLE001 - the contract: an error dict, never an exception
-        log.error("generation failed for %s: %s", image_path, exc)
+        from hy3d_pipeline.s3.redact import redact
+
+        # a presigned input URL is a credential until it expires: never into the log or the message
+        log.error("generation failed for %s: %s", redact(str(image_path)), redact(str(exc)))
         _notify(progress_callback, 100, "failed")
-        return {"status": "error", "message": str(exc) or type(exc).__name__, "source": str(image_path)}
+        return {"status": "error", "message": redact(str(exc) or type(exc).__name__), "source": str(image_path)}
 
 
 def _generate(image_path, with_texture, output_format, progress_callback, start, out_dir) -> dict[str, Any]:

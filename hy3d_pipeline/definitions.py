@@ -12,13 +12,12 @@ from hy3d_pipeline.models.assets import image_to_model
 from hy3d_pipeline.models.resources import GeneratorResource
 from hy3d_pipeline.s3.resources import ImageStorage
 
-DEFAULT_BUCKET = "hy3d-images"
-
 
 def build_defs() -> Definitions:
+    # no default bucket: with nothing configured this would be AWS, where a bucket name is global and a default
+    # one belongs to a stranger. Only the embedded default (`demo`/`dev`) names one, and sets S3_IMAGES_BUCKET
+    # itself. Without it the location still loads; the sensor skips and runs fail, saying what to set.
     storage = ImageStorage.from_env()
-    if not storage.images_bucket:
-        storage = ImageStorage.from_env(images_bucket=DEFAULT_BUCKET)
     return Definitions(
         assets=[image_to_model],
         sensors=[new_images_sensor, dead_runs_sensor],

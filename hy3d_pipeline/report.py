@@ -215,16 +215,18 @@ def run_report(out_dir: str, prefix: str = "", backfill_id: str | None = None, o
     from dagster import DagsterInstance
 
     from hy3d_pipeline.embedded import setup
-    from hy3d_pipeline.s3.resources import ImageStorage
+    from hy3d_pipeline.s3.resources import NO_BUCKET, ImageStorage
 
     with contextlib.ExitStack() as stack:
         if not setup.s3_configured():
             server = setup.start_embedded_s3()
             stack.callback(server.stop)
         setup.prepare_dagster_home()
+        # the embedded default set S3_IMAGES_BUCKET above; a configured S3 without one gets no guessed bucket
         storage = ImageStorage.from_env()
         if not storage.images_bucket:
-            storage = ImageStorage.from_env(images_bucket=setup.EMBEDDED_BUCKET)
+            out(f"report failed: {NO_BUCKET}")
+            return 1
         instance = stack.enter_context(DagsterInstance.get())
         try:
             partitions = partitions_for(instance, prefix, backfill_id)

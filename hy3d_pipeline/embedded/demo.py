@@ -91,13 +91,16 @@ def run_demo(out=print) -> int:
     from hy3d_pipeline.images.sensors import list_images
     from hy3d_pipeline.images.partitions import relative_key_for
     from hy3d_pipeline.models.resources import GeneratorResource
-    from hy3d_pipeline.s3.resources import ImageStorage
+    from hy3d_pipeline.s3.resources import NO_BUCKET, ImageStorage
 
     start = time.perf_counter()
     with contextlib.ExitStack() as stack:
         setup.enter_embedded_default(stack, out)
         defs = build_defs()
         storage: ImageStorage = defs.resources["storage"]
+        if not storage.images_bucket:  # S3_ENDPOINT_URL alone: configured, but no bucket to guess
+            out(f"demo failed: {NO_BUCKET}")
+            return 1
         instance = stack.enter_context(DagsterInstance.get())
         # one tick and done: images of an unfinished run are requested again now, not after a backoff that
         # only a later tick would honour

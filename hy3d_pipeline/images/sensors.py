@@ -19,7 +19,7 @@ from hy3d_pipeline.images.catalog import RequestedImages
 from hy3d_pipeline.images.formats import has_image_extension
 from hy3d_pipeline.images.partitions import partition_key_for
 from hy3d_pipeline.images.planner import PIPELINE_ASSETS, Cursor, Observed, batch_size, max_images_per_tick, plan_tick
-from hy3d_pipeline.s3.resources import ImageStorage
+from hy3d_pipeline.s3.resources import NO_BUCKET, ImageStorage
 
 
 def image_partition_key(storage: ImageStorage, key: str) -> str | None:
@@ -97,6 +97,8 @@ def observe_events(context, storage: ImageStorage, cursor: Cursor | None, url: s
     "image extension are skipped; deleted sources are marked, their models kept.",
 )
 def new_images_sensor(context: SensorEvaluationContext, storage: ImageStorage):
+    if not storage.images_bucket:
+        return SkipReason(NO_BUCKET)
     # refused here rather than at import: `import hy3d_pipeline` (the seed API, the client) must keep working,
     # while a failing tick shows the reason in the UI and the daemon log, and requests nothing
     problem = storage.layout_problem()

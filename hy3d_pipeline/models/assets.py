@@ -53,6 +53,7 @@ from hy3d_pipeline.models.checks import CHECKS
 from hy3d_pipeline.models.resources import GeneratorResource
 from hy3d_pipeline.models.generators.base import GenerationError
 from hy3d_pipeline.s3.errors import S3AccessError
+from hy3d_pipeline.s3.redact import redact
 from hy3d_pipeline.s3.resources import ImageStorage, ObjectInfo
 
 SOURCE, LOCAL, MODELS = AssetKey("source_images"), AssetKey("local_images"), AssetKey("models_3d")
@@ -335,6 +336,11 @@ def image_to_model(context: AssetExecutionContext, config: ModelsRunConfig, stor
             yield Output(None, output_name=names[check_key])
 
     if failures:
+        # the message itself says whether a retry follows: it is read in the UI, the report and demo output
+        policy = context.op_execution_context.op_def.retry_policy
+        retrying = policy is not None and context.retry_number < policy.max_retries
+        note = " (transient: this step will be retried)" if retrying else " (transient, but the retries are used up)"
+        failures = {k: (redact(msg) + (note if transient else ""), transient) for k, (msg, transient) in failures.items()}
         raise Failure(
             description=f"{len(failures)} of {len(keys)} image(s) failed: "
             + "; ".join(f"{k}: {msg}" for k, (msg, _) in list(failures.items())[:10]),

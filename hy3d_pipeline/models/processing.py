@@ -91,7 +91,7 @@ class ModelOutcome:
 
 def existing_model(storage: ImageStorage, model_key: str, source: ObjectInfo, settings: GenerationSettings):
     """The outcome recorded on a model already generated from this exact source version and settings, if any."""
-    head = storage.head_or_none(storage.models_bucket_name, model_key)
+    head = storage.head_or_none(storage.models_bucket_name, model_key, forbidden_is_absent=True)
     if not head:
         return None
     meta = head.get("Metadata", {})

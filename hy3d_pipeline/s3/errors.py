@@ -6,10 +6,13 @@ a fact about the object (missing, forbidden): `S3AccessError.transient` carries 
 
 from __future__ import annotations
 
+from hy3d_pipeline.s3.redact import redact
+
 
 class S3AccessError(Exception):
     def __init__(self, message: str, *, transient: bool = False, code: str = "") -> None:
-        super().__init__(message)
+        # scrubbed here, once for every path: messages quote foreign exceptions, and those quote signed URLs
+        super().__init__(redact(message))
         self.transient = transient
         self.code = code
 
@@ -42,6 +45,11 @@ def translate(exc: BaseException, bucket: str, key: str | None = None, *, endpoi
         )
     if isinstance(exc, bx.ProfileNotFound):
         return S3AccessError(f"AWS profile not found while accessing {where}: {exc}; check AWS_PROFILE", code="ProfileNotFound")
+    if isinstance(exc, bx.SSLError):
+        return S3AccessError(
+            f"TLS verification failed talking to {target} for {where}: point AWS_CA_BUNDLE (or the resource's "
+            "`verify`) at the CA bundle that signed the endpoint's certificate", code="SSLError",
+        )
     if isinstance(exc, (bx.ConnectTimeoutError, bx.ReadTimeoutError)) or isinstance(exc, TimeoutError):
         return S3AccessError(
             f"timed out talking to {target} for {where}; check connectivity, or raise S3_DOWNLOAD_TIMEOUT",
@@ -67,7 +75,8 @@ def translate(exc: BaseException, bucket: str, key: str | None = None, *, endpoi
             )
         if code in ("AccessDenied", "403", "Forbidden", "AllAccessDisabled"):
             return S3AccessError(
-                f"access denied to {where}: the credentials need s3:GetObject (and s3:ListBucket) on this bucket",
+                f"access denied to {where}: the credentials need s3:GetObject, and s3:ListBucket on bucket {bucket!r} "
+                "(without it S3 answers 403 instead of 404 for a missing object)",
                 code="AccessDenied",
             )
         if code in ("PreconditionFailed", "412"):

@@ -2,12 +2,13 @@
 
 Built on dagster-aws's `S3Resource`, so endpoint, region and profile settings are the familiar ones and the
 standard credential chain (env, profile, IAM role) applies. Credentials are never fields here: boto3 finds them,
-so they never reach run config, logs or metadata.
+so they never reach run config, logs or metadata (S3Resource's own credential fields are refused, see __init__).
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import tempfile
@@ -28,6 +29,10 @@ from hy3d_pipeline.s3.errors import S3AccessError, translate
 _CHUNK = 1 << 20
 _clients: dict[tuple, Any] = {}
 _clients_lock = threading.Lock()
+_CREDENTIAL_FIELDS = ("aws_access_key_id", "aws_secret_access_key", "aws_session_token")
+_warned_no_list: set[str] = set()
+log = logging.getLogger(__name__)
+NO_BUCKET = "S3_IMAGES_BUCKET is not set: set it (or run `hy3d-pipeline dev` for the embedded default)"
 
 
 @dataclass(frozen=True)
@@ -80,6 +85,20 @@ class ImageStorage(S3Resource):
     download_timeout: float = Field(default=60.0, description="Seconds allowed for one download (S3_DOWNLOAD_TIMEOUT).")
     temp_dir: str = Field(default="", description="Where local copies live (S3_TEMP_DIR); empty: system temp dir.")
     cleanup_temp_files: bool = Field(default=True, description="Delete local copies after processing.")
+    ca_bundle: str = Field(default="", description="CA bundle file to verify the endpoint's TLS certificate with "
+                           "(S3Resource's `verify` is only true/false); empty: `verify`, then AWS_CA_BUNDLE.")
+
+    def __init__(self, **data: Any) -> None:
+        # Refused rather than honoured: a resource field is resource config, which Dagster shows in the UI, keeps
+        # in the definitions snapshot and lets the launchpad set per run, so a secret there is a secret leaked.
+        # Silently ignoring them (as before) was worse: the run used other credentials than the ones given.
+        given = [name for name in _CREDENTIAL_FIELDS if data.get(name) not in (None, "")]
+        if given:
+            raise ValueError(
+                f"ImageStorage does not take credentials as resource fields ({', '.join(given)}): set "
+                "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN in the environment, or AWS_PROFILE, "
+                "or use an IAM role; resource config is shown in the Dagster UI and stored with the definitions")
+        super().__init__(**data)
 
     @classmethod
     def from_env(cls, **overrides: Any) -> "ImageStorage":
@@ -151,8 +170,9 @@ class ImageStorage(S3Resource):
     def client(self) -> Any:
         """A boto3 client with the download timeout applied, shared per process (clients are thread-safe)."""
         identity = "\0".join(os.getenv(v, "") for v in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"))
+        verify = self.ca_bundle or self.verify
         key = (self.region_name, self.endpoint_url, self.profile_name, self.download_timeout, self.max_attempts,
-               self.use_ssl, self.verify, hashlib.sha256(identity.encode()).hexdigest())
+               self.use_ssl, verify, hashlib.sha256(identity.encode()).hexdigest())
         with _clients_lock:
             client = _clients.get(key)
             if client is None:
@@ -165,7 +185,7 @@ class ImageStorage(S3Resource):
                     "s3",
                     endpoint_url=self.endpoint_url,
                     use_ssl=self.use_ssl,
-                    verify=self.verify,
+                    verify=verify,
                     config=Config(
                         connect_timeout=min(timeout, 10.0),
                         read_timeout=timeout,
@@ -194,7 +214,14 @@ class ImageStorage(S3Resource):
         return None
 
     # ---- operations ------------------------------------------------------------------------------------------
+    @staticmethod
+    def _need(bucket: str) -> None:
+        # no bucket configured: there is no safe default on AWS (a global name is someone else's bucket)
+        if not bucket:
+            raise S3AccessError(NO_BUCKET, code="NoBucketConfigured")
+
     def head(self, bucket: str, key: str) -> ObjectInfo:
+        self._need(bucket)
         try:
             r = self.client().head_object(Bucket=bucket, Key=key)
         except Exception as exc:  # noqa: BLE001
@@ -202,8 +229,14 @@ class ImageStorage(S3Resource):
         return ObjectInfo(bucket, key, r["ETag"].strip('"'), int(r["ContentLength"]), r.get("LastModified"),
                           r.get("ContentType"))
 
-    def head_or_none(self, bucket: str, key: str) -> dict | None:
-        """Full HEAD response of an object that may not exist (models we may have written before)."""
+    def head_or_none(self, bucket: str, key: str, *, forbidden_is_absent: bool = False) -> dict | None:
+        """Full HEAD response of an object that may not exist (models we may have written before).
+
+        `forbidden_is_absent`: for "have we made this model yet" only. Without s3:ListBucket on a bucket, S3
+        answers a HEAD of a missing key with 403, not 404, so a models bucket granted just Get/PutObject would
+        fail every first generation. There a 403 means "not known to exist": the model is generated and its
+        upload overwrites, which is idempotent. Never for source images, where absent means deleted."""
+        self._need(bucket)
         try:
             return self.client().head_object(Bucket=bucket, Key=key)
         except Exception as exc:  # noqa: BLE001
@@ -212,10 +245,20 @@ class ImageStorage(S3Resource):
             err = translate(exc, bucket, key, endpoint=self.endpoint_url)
             if err.code == "NoSuchKey":
                 return None
+            if forbidden_is_absent and err.code == "AccessDenied" and _bare_status(exc):
+                if bucket not in _warned_no_list:
+                    _warned_no_list.add(bucket)
+                    log.warning(
+                        "S3 answered 403 to HEAD s3://%s/%s: taken as 'no model yet'. Grant s3:ListBucket on bucket "
+                        "%r so missing objects answer 404 and existing models are recognised (without it S3 answers "
+                        "403 instead of 404; if the credentials also lack s3:GetObject there, every model is made "
+                        "again)", bucket, key, bucket)
+                return None
             raise self._fail(exc, bucket, key) from exc
 
     def list_keys(self, bucket: str, prefix: str = "", start_after: str = "") -> Iterator[list[tuple[str, str, int]]]:
         """Pages of (key, etag, size) under `prefix`, in key order, resuming after `start_after`."""
+        self._need(bucket)
         from hy3d_pipeline.s3.listing import list_pages
 
         try:
@@ -231,6 +274,7 @@ class ImageStorage(S3Resource):
         Written under a temporary name and renamed only when complete and checked (size, ETag), so a reader
         never sees a partial file. A copy already cached for the same key and ETag is reused.
         """
+        self._need(info.bucket)
         dest = dest or self.local_path(info)
         if dest.exists() and dest.stat().st_size == info.size:
             os.utime(dest)  # in use again: young enough that sweep_temp leaves it
@@ -258,8 +302,7 @@ class ImageStorage(S3Resource):
             if size != info.size:
                 raise S3AccessError(f"download of {info.url} is incomplete: got {size} of {info.size} bytes",
                                     transient=True, code="Incomplete")
-            plain_etag = re.fullmatch(r"[0-9a-f]{32}", info.etag) and resp.get("ServerSideEncryption") != "aws:kms"
-            if plain_etag and md5.hexdigest() != info.etag:
+            if etag_is_md5(info.etag, resp) and md5.hexdigest() != info.etag:
                 raise S3AccessError(f"download of {info.url} does not match its ETag {info.etag}: corrupted in transit",
                                     transient=True, code="BadDigest")
             os.replace(tmp, dest)
@@ -272,6 +315,7 @@ class ImageStorage(S3Resource):
                if_none_match: bool = False) -> str:
         """Put `data`; returns the new ETag. With `if_match` (an ETag) or `if_none_match` (no object may exist)
         the write is conditional, and an S3AccessError with code PreconditionFailed says the object changed."""
+        self._need(bucket)
         condition = {"IfMatch": if_match} if if_match else {"IfNoneMatch": "*"} if if_none_match else {}
         put = dict(Bucket=bucket, Key=key, Body=data, ContentType=content_type, Metadata=metadata or {})
         try:
@@ -292,6 +336,7 @@ class ImageStorage(S3Resource):
 
     def read(self, bucket: str, key: str) -> bytes | None:
         """A small object's bytes (a model, its picture), or None when there is no such object."""
+        self._need(bucket)
         try:
             return self.client().get_object(Bucket=bucket, Key=key)["Body"].read()
         except Exception as exc:  # noqa: BLE001
@@ -336,6 +381,21 @@ class ImageStorage(S3Resource):
 
 def _error_code(exc: BaseException) -> str:
     return str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
+
+
+_MD5_ETAG = re.compile(r"[0-9a-fA-F]{32}")
+# with these, S3's ETag is not the MD5 of the bytes a GET returns, even when it looks like one
+_OPAQUE_SSE = ("aws:kms", "aws:kms:dsse")
+
+
+def etag_is_md5(etag: str, response: dict) -> bool:
+    """Whether `etag` (unquoted) is the MD5 of the object's bytes, judged from its form (multipart ETags end in
+    "-N") and the GET/HEAD response's encryption headers (SSE-C, SSE-KMS and DSSE-KMS ETags are not MD5s)."""
+    if not _MD5_ETAG.fullmatch(etag):
+        return False
+    if response.get("SSECustomerAlgorithm"):
+        return False
+    return str(response.get("ServerSideEncryption") or "").lower() not in _OPAQUE_SSE
 
 
 def _bare_status(exc: BaseException) -> bool:

@@ -71,7 +71,27 @@ class S3UrlError(ValueError):
 _MAX_SHOWN = 200
 
 
+# the query parameters that make a URL a credential: SigV4 and SigV2 presigning, STS tokens. Kept here (this
+# module imports only the standard library) and used by s3/redact.py for every other message.
+SIGNED_QUERY_PARAMS = frozenset(("x-amz-signature", "x-amz-credential", "x-amz-security-token", "awsaccesskeyid",
+                                 "signature"))
+# in running text a query string ends at the first character that cannot be part of a URL there
+_QUERY_IN_TEXT = re.compile(r"\?[^\s'\"<>()\[\]{}]*")
+SIGNED_QUERY_REDACTED = "?<signed query redacted>"
+
+
+def _scrub_query(match: re.Match) -> str:
+    names = {part.split("=", 1)[0].lower() for part in re.split(r"[?&;]", match.group(0)) if part}
+    return SIGNED_QUERY_REDACTED if names & SIGNED_QUERY_PARAMS else match.group(0)
+
+
+def scrub_signed_queries(text: str) -> str:
+    """`text` with every query string that carries a signature or credential replaced by a placeholder."""
+    return _QUERY_IN_TEXT.sub(_scrub_query, text)
+
+
 def _show(text: str) -> str:
+    text = scrub_signed_queries(text)  # a presigned URL is a credential until it expires
     if len(text) > _MAX_SHOWN:
         return f"{text[:_MAX_SHOWN]!r}... ({len(text)} characters)"
     return repr(text)
