@@ -15,7 +15,10 @@ For each: s/image, the ratio to (a), runs, and generator loads (the distinct `wo
 materializations and their `generator_loads`). Then the per-event cost of Dagster storage: one in-process run of
 32 images on SQLite, on Postgres through dagster-postgres as shipped (a connection per operation), and on Postgres
 through our pooled storages, each minus the plain loop over the same images.
-Timings are printed, never asserted.
+`--real-size N`: then (a), (b) and (c) again over N images, one run per image, with Hunyuan3D at the published
+2mini size (random weights written as `bench/gpu_shapes.py` writes them, loaded through hy3dgen's real
+`from_pretrained`), octree 64 and one step on the CPU: what the default launcher's load per run costs when the
+load is a real one. Timings are printed, never asserted.
 """
 
 from __future__ import annotations
@@ -158,12 +161,50 @@ def event_cost(s3_env: dict, bucket: str, n: int, tmp: Path, pg: PostgresServer,
     return results
 
 
+def real_size(args, s3_env: dict, server, pg: PostgresServer, redis_server: RedisServer, tmp: Path) -> None:
+    sys.path.insert(0, str(ROOT / "bench"))
+    from gpu_shapes import MODELS, published_config, write_random_model
+
+    model_path, subfolder, depth, single, latents = MODELS["2mini"]
+    models = tmp / "weights"
+    t0 = time.perf_counter()
+    counts = write_random_model(models, model_path, subfolder, published_config(depth, single, latents, blob=True),
+                                build_device="cpu", blob=True)
+    print(f"\nwrote a random 2mini-size checkpoint ({sum(counts.values()) / 1e6:.0f} M parameters) in "
+          f"{time.perf_counter() - t0:.0f} s")
+    gen = {"HY3D_GENERATOR": "hunyuan3d", "HY3DGEN_MODELS": str(models), "HY3D_MODEL_PATH": model_path,
+           "HY3D_MODEL_SUBFOLDER": subfolder, "HY3D_OCTREE_RESOLUTION": "64", "HY3D_STEPS": "1",
+           "HY3D_DEVICE": "cpu", "HY3D_BATCH_SIZE": "1", "HY3D_MAX_BATCH_SIZE": "1"}
+    env = {**s3_env, **gen}
+    n = args.real_size
+    buckets = {v: f"real-{v}" for v in ("loop", "default", "workers1")}
+    server.create_buckets(*buckets.values())
+    upload(_client(env), buckets["loop"], n)
+    os.environ.update(gen)
+    loop_s = plain_loop(env, buckets["loop"], n, tmp)
+    rows = [{"name": "plain loop", "seconds": loop_s, "runs": 0, "processes": 1, "loads": 1}]
+    for v, extra, workers in (("default", {"HY3D_RUN_LAUNCHER": "default"}, 0),
+                              ("workers1", {"HY3D_BROKER_URL": redis_server.url.replace("/0", "/3")}, 1)):
+        rows.append(engine(f"real-{v}", env, buckets[v], n, tmp,
+                           {**extra, "DAGSTER_PG_URL": pg.database(f"real_{v}")}, workers, args.interval, args.timeout))
+    print(f"{n} images, Hunyuan3D 2mini size (random weights), CPU, octree 64, 1 step, one run per image")
+    print_rows(rows, n, loop_s)
+
+
+def print_rows(rows: list[dict], n: int, loop_s: float) -> None:
+    print(f"{'variant':<18}{'s/image':>10}{'x loop':>9}{'runs':>6}{'processes':>11}{'loads':>7}")
+    for r in rows:
+        print(f"{r['name']:<18}{r['seconds'] / n:>10.3f}{r['seconds'] / loop_s:>9.2f}"
+              f"{r['runs']:>6}{r['processes']:>11}{r['loads']:>7}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--interval", type=int, default=2, help="sensor interval, s")
     parser.add_argument("--timeout", type=float, default=1800)
     parser.add_argument("--variants", default="default,workers1,workers2")
+    parser.add_argument("--real-size", type=int, default=0, metavar="N", help="images for the 2mini-size variant")
     args = parser.parse_args()
 
     from hy3d_pipeline.embedded.seaweedfs import SeaweedS3
@@ -188,10 +229,7 @@ def main() -> None:
                 env = {**env, "DAGSTER_PG_URL": pg.database(f"v_{v}")}
                 rows.append(engine(v, s3_env, buckets[v], args.images, tmp, env, workers, args.interval, args.timeout))
             print(f"\n{args.images} images, extrude backend, Postgres storage, sensor interval {args.interval} s")
-            print(f"{'variant':<18}{'s/image':>10}{'x loop':>9}{'runs':>6}{'processes':>11}{'loads':>7}")
-            for r in rows:
-                print(f"{r['name']:<18}{r['seconds'] / args.images:>10.3f}{r['seconds'] / loop_s:>9.2f}"
-                      f"{r['runs']:>6}{r['processes']:>11}{r['loads']:>7}")
+            print_rows(rows, args.images, loop_s)
             by = {r["name"]: r for r in rows}
             if "workers1" in by and "workers2" in by:
                 print(f"2 workers: {by['workers1']['seconds'] / by['workers2']['seconds']:.2f}x the throughput of 1")
@@ -201,6 +239,8 @@ def main() -> None:
             print(f"\nDagster's cost per image, one in-process run of {n} images, beyond the plain loop:")
             for label, cost in event_cost(s3_env, buckets["loop"], n, tmp, pg, loop_n):
                 print(f"  {label:<42}{cost:>8.3f} s/image")
+            if args.real_size:
+                real_size(args, s3_env, server, pg, redis_server, tmp)
 
 
 if __name__ == "__main__":

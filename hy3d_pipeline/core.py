@@ -131,9 +131,8 @@ def _generate(image_path, with_texture, output_format, progress_callback, start,
 
 
 def _configured_storage():
-    """The deployment's images bucket and prefix, as the code location reads them."""
-    from hy3d_pipeline.definitions import DEFAULT_BUCKET
+    """The deployment's images bucket and prefix, as the code location reads them (no bucket when none is
+    configured: then no URL is under the prefix, and the full key seeds)."""
     from hy3d_pipeline.s3.resources import ImageStorage
 
-    storage = ImageStorage.from_env()
-    return storage if storage.images_bucket else ImageStorage.from_env(images_bucket=DEFAULT_BUCKET)
+    return ImageStorage.from_env()

@@ -49,14 +49,15 @@ def test_demo_killed_mid_run_then_run_again(tmp_path):
     cmd = [sys.executable, "-m", "hy3d_pipeline.cli", "demo"]
     env = _env(tmp_path)
     first = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    db = tmp_path / ".hy3d" / "dagster" / "dagster.yaml"
+    home = tmp_path / ".hy3d" / "dagster"
+    db = home / "schedules" / "schedules.db"  # the last of Dagster's SQLite files the demo creates at start
     killed = None
     try:
         deadline = time.monotonic() + 120
         while not db.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
-        time.sleep(0.5)  # the demo creates the storage right after writing dagster.yaml
-        os.environ["DAGSTER_HOME"] = str(db.parent)
+        time.sleep(1.0)  # its tables being made: a second process creating them at once could race it
+        os.environ["DAGSTER_HOME"] = str(home)
         try:
             with DagsterInstance.get() as instance:
                 while killed is None and time.monotonic() < deadline and first.poll() is None:

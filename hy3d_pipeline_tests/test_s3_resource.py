@@ -104,8 +104,8 @@ def test_download_verified_and_cached(storage, s3):
     path = storage.download(info)
     assert path.read_bytes() == b"x" * 5000
     assert path.parent == Path(storage.temp_dir).resolve()
-    mtime = path.stat().st_mtime_ns
-    assert storage.download(info) == path and path.stat().st_mtime_ns == mtime  # cached per key + ETag
+    inode = path.stat().st_ino  # a new download would be renamed into place: another inode
+    assert storage.download(info) == path and path.stat().st_ino == inode  # cached per key + ETag
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no partial files left
 
 

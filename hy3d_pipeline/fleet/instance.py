@@ -3,7 +3,7 @@
 It refers to the environment (`{env: DAGSTER_PG_URL}`, `{env: HY3D_BROKER_URL}`) rather than copying values,
 so it loads in any process that has the same environment variables and never holds a password. What it sets
 up, and why:
-- storage: SQLite in the home folder, or Postgres when DAGSTER_PG_URL is set (any URL form; see postgres.py);
+- storage: SQLite in the home folder (Dagster's layout), or Postgres when DAGSTER_PG_URL is set (any URL form; see postgres.py);
 - runs go to long-lived generation workers (launcher.py) that keep the model warm across runs;
 - the `gpu` pool limits steps, not runs (`granularity: op`), and lets as many runs as there are slots wait
   launched (`op_granularity_run_buffer`), so the next batch's launch overlaps the current batch's work instead
@@ -18,12 +18,6 @@ import os
 from pathlib import Path
 
 HEADER = "# written by hy3d-pipeline; delete this line to keep your own edits"
-
-_STORAGE_SQLITE = """\
-storage:
-  sqlite:
-    base_dir: {base_dir}
-"""
 
 # dagster-postgres's own classes, with the URL normalised and a connection pool (see postgres.py)
 _STORAGE_POSTGRES = """\
@@ -106,8 +100,7 @@ def instance_yaml(home: Path, launcher: str | None = None) -> str:
     parts = [HEADER + "\n"]
     if os.getenv("DAGSTER_PG_URL", "").strip():
         parts.append(_STORAGE_POSTGRES)
-    else:
-        parts.append(_STORAGE_SQLITE.format(base_dir=home / "storage"))
+    # else Dagster's own SQLite layout in the home folder, where an existing home keeps its history
     if launcher == "workers":
         broker = "    broker: {env: HY3D_BROKER_URL}\n" if os.getenv("HY3D_BROKER_URL", "").strip() else ""
         parts.append(_LAUNCHER_WORKERS.format(broker=broker, queue=worker_queue(), local_folder=home.parent / "workers"))

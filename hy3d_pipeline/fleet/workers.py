@@ -120,13 +120,10 @@ def run_worker(concurrency: int = 1, loglevel: str = "INFO", out=print) -> int:
 def _sweep_temp(out) -> None:
     from hy3d_pipeline.s3.resources import ImageStorage
 
-    sweep = getattr(ImageStorage, "sweep_temp", None)
-    if sweep is None:
-        return
     try:
-        removed = ImageStorage.from_env(images_bucket=os.getenv("S3_IMAGES_BUCKET", "")).sweep_temp()
+        removed = ImageStorage.from_env().sweep_temp()
     except Exception as exc:  # noqa: BLE001 - a sweep must never keep a worker from serving
         out(f"temporary files not swept: {type(exc).__name__}: {exc}")
         return
     if removed:
-        out(f"removed {removed} temporary file(s) left by dead runs")
+        out(f"removed {len(removed)} temporary file(s) left by dead runs")
