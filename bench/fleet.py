@@ -38,17 +38,8 @@ if str(ROOT) not in sys.path:  # hy3d_pipeline_tests is not installed; run from 
 from hy3d_pipeline_tests.dev_process import DevProcess, wait_for  # noqa: E402
 from hy3d_pipeline_tests.services import PostgresServer, RedisServer  # noqa: E402
 
-
-def image(i: int) -> bytes:
-    import io
-
-    from PIL import Image, ImageDraw
-
-    img = Image.new("RGBA", (96 + i % 7 * 8, 96), (0, 0, 0, 0))
-    ImageDraw.Draw(img).ellipse((10, 10 + i % 5, 80, 86), fill=(40 + i % 200, 90, 200, 255))
-    buf = io.BytesIO()
-    img.save(buf, "PNG")
-    return buf.getvalue()
+sys.path.insert(0, str(ROOT / "bench"))
+from dev_end_to_end import image  # noqa: E402  (the same images as the dev bench)
 
 
 def count_models(s3, bucket: str) -> int:
@@ -162,7 +153,6 @@ def event_cost(s3_env: dict, bucket: str, n: int, tmp: Path, pg: PostgresServer,
 
 
 def real_size(args, s3_env: dict, server, pg: PostgresServer, redis_server: RedisServer, tmp: Path) -> None:
-    sys.path.insert(0, str(ROOT / "bench"))
     from gpu_shapes import MODELS, published_config, write_random_model
 
     model_path, subfolder, depth, single, latents = MODELS["2mini"]
