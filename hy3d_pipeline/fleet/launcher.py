@@ -51,7 +51,8 @@ class WorkerRunLauncher(CeleryRunLauncher):
             alive = liveness.run_alive(self._instance, run, None)
             if alive is False:
                 return CheckRunHealthResult(WorkerStatus.FAILED, "the process running this run is gone")
-            return CheckRunHealthResult(WorkerStatus.RUNNING if alive else WorkerStatus.UNKNOWN)
+            # unknown (another machine's process) is not dead: monitoring fails every run not reported running
+            return CheckRunHealthResult(WorkerStatus.RUNNING)
         result = super().check_run_worker_health(run)
         if result.status != WorkerStatus.RUNNING:
             return result
