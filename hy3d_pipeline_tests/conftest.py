@@ -138,3 +138,11 @@ def ticker(s3_env, instance):
 
 def put(s3, bucket, key, body=b"img"):
     s3.put_object(Bucket=bucket, Key=key, Body=body)
+
+
+def put_many(s3, bucket, keys, threads: int = 16) -> None:
+    """Upload one small object per key, concurrently: a burst as many clients would make it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(lambda k: put(s3, bucket, k), keys))

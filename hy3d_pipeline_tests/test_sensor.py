@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import pytest
 
 from hy3d_pipeline.images.partitions import partition_key_for, relative_key_for
 from hy3d_pipeline.definitions import build_defs
 from hy3d_pipeline.images.planner import SHARDS, Cursor
-from hy3d_pipeline_tests.conftest import put
+from hy3d_pipeline_tests.conftest import put, put_many
 
 
 def test_new_images_become_partitions_and_runs(ticker, s3, storage, monkeypatch):
@@ -63,8 +61,7 @@ def test_burst_over_1000_objects_is_batched(ticker, s3, storage, monkeypatch):
     monkeypatch.setenv("HY3D_BATCH_SIZE", "50")
     b = storage.images_bucket
     keys = [f"burst/{i:05d}.png" for i in range(1105)]
-    with ThreadPoolExecutor(16) as pool:
-        list(pool.map(lambda k: put(s3, b, k), keys))
+    put_many(s3, b, keys)
     put(s3, b, "burst/readme.md")
     data = ticker()
     assert len(ticker.instance.get_dynamic_partitions("images")) == 1105
@@ -128,8 +125,7 @@ def test_bursts_get_bigger_batches(ticker, s3, storage, monkeypatch):
     monkeypatch.setenv("HY3D_BATCH_SIZE", "8")
     b = storage.images_bucket
     keys = [f"big/{i:03d}.png" for i in range(100)]
-    with ThreadPoolExecutor(16) as pool:
-        list(pool.map(lambda k: put(s3, b, k), keys))
+    put_many(s3, b, keys)
     data = ticker()
     sizes = [int(r.tags.get("hy3d/batch_size", 1)) for r in data.run_requests]
     assert sorted(ticker.requested(data)) == keys

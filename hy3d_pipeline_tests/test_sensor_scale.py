@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 from dagster import AssetKey, AssetRecordsFilter
 
-from hy3d_pipeline_tests.conftest import put
+from hy3d_pipeline_tests.conftest import put, put_many
 
 
 def observations(instance, partition):
@@ -18,8 +16,7 @@ def observations(instance, partition):
 def test_huge_first_scan_is_spread_and_resumes_exactly(ticker, s3, storage, monkeypatch):
     monkeypatch.setenv("HY3D_SENSOR_MAX_IMAGES", "100")
     keys = [f"scan/{i:04d}.png" for i in range(250)]
-    with ThreadPoolExecutor(16) as pool:
-        list(pool.map(lambda k: put(s3, storage.images_bucket, k), keys))
+    put_many(s3, storage.images_bucket, keys)
     seen = []
     for expected in (100, 100, 50, 0):
         data = ticker()

@@ -25,7 +25,6 @@ class WorkerRunLauncher(CeleryRunLauncher):
     def __init__(self, default_queue: str = "gpu", broker: str | None = None, backend: str | None = None,
                  local_folder: str | None = None, inst_data=None) -> None:
         args = app_args(broker, backend, default_queue, local_folder)
-        self.local_folder = local_folder
         super().__init__(default_queue=default_queue, broker=args["broker"], backend=args["backend"],
                          config_source=args["config_source"], inst_data=inst_data)
         route_queue(self.celery, default_queue)
