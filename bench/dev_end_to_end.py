@@ -82,7 +82,7 @@ def main() -> None:
                            "S3_TEMP_DIR": str(Path(tmp) / "floor-cache")})
         from hy3d_pipeline.models.processing import process_object
         from hy3d_pipeline.models.resources import GeneratorResource
-        from hy3d_pipeline.s3.resources import ImageStorage
+        from hy3d_pipeline.storage.resources import ImageStorage
 
         storage, settings = ImageStorage.from_env(), GeneratorResource.from_env().settings()
         t1 = time.time()

@@ -69,7 +69,7 @@ def plain_loop(s3_env: dict, bucket: str, n: int, tmp: Path, models_prefix: str 
     from hy3d_pipeline.models.generators.base import load_generator
     from hy3d_pipeline.models.processing import process_object
     from hy3d_pipeline.models.resources import GeneratorResource
-    from hy3d_pipeline.s3.resources import ImageStorage
+    from hy3d_pipeline.storage.resources import ImageStorage
 
     os.environ.update({**s3_env, "S3_IMAGES_BUCKET": bucket, "S3_TEMP_DIR": str(tmp / "loop-cache"),
                        "S3_MODELS_PREFIX": models_prefix})

@@ -140,7 +140,7 @@ def covered(request, order: list[str]) -> list[str]:
 def baseline_list(v: Variant) -> None:
     """The plain loop's first step: list the bucket with boto3's paginator (what anyone would write)."""
     from hy3d_pipeline.images.partitions import partition_key_for
-    from hy3d_pipeline.s3.resources import ImageStorage, ObjectInfo
+    from hy3d_pipeline.storage.resources import ImageStorage, ObjectInfo
 
     _env(v)
     v.storage = storage = ImageStorage.from_env()
@@ -297,7 +297,7 @@ def main() -> None:
         from hy3d_pipeline.models.generators.base import load_count, load_generator
         from hy3d_pipeline.models.processing import process_object
         from hy3d_pipeline.models.resources import GeneratorResource
-        from hy3d_pipeline.s3.resources import ImageStorage
+        from hy3d_pipeline.storage.resources import ImageStorage
 
         storage = ImageStorage.from_env()
         client = storage.client()

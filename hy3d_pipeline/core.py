@@ -6,6 +6,7 @@ raises for bad input. It runs the same functions as the `models_3d` asset.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -20,7 +21,9 @@ ProgressCallback = Callable[[float, str], None]
 
 
 def output_dir() -> Path:
-    return Path(os.getenv("HY3D_OUTPUT_DIR") or "hy3d-output")
+    from hy3d_pipeline.settings import current
+
+    return Path(current().output_dir)
 
 
 def output_name(stem: str, identity: str) -> str:
@@ -68,9 +71,8 @@ def generate_3d_from_image_core(
 
 def _generate(image_path, with_texture, output_format, progress_callback, start, out_dir) -> dict[str, Any]:
     from hy3d_pipeline.models.export import export_model, mesh_stats
-    from hy3d_pipeline.models.processing import Timer, generate_mesh, seed_key_for
+    from hy3d_pipeline.models.processing import Timer, generate_mesh
     from hy3d_pipeline.models.resources import GeneratorResource
-    from hy3d_pipeline.s3.urls import is_s3_url, parse_s3_url
 
     if not isinstance(image_path, (str, os.PathLike)) or not str(image_path).strip():
         raise ValueError(f"image_path must be a local path or an S3 URL, got {image_path!r}")
@@ -79,41 +81,19 @@ def _generate(image_path, with_texture, output_format, progress_callback, start,
     settings = GeneratorResource.from_env().settings(output_format=output_format, texture=texture)
     source = str(image_path)
     timer = Timer()
-    storage = local = None
     _notify(progress_callback, 0, "starting")
-    if is_s3_url(source):
-        from hy3d_pipeline.s3.resources import ImageStorage, default_region
-
-        location = parse_s3_url(source)
-        storage = ImageStorage.from_env(images_bucket=location.bucket, region_name=location.region or default_region())
-        _notify(progress_callback, 5, "downloading")
-        with timer.stage("download"):
-            info = storage.head(location.bucket, location.key)
-            local = storage.download(info)
-        # the key the pipeline seeds with for the same object, so both make the same mesh
-        seed_key = seed_key_for(_configured_storage(), location.bucket, location.key)
-        name, identity = location.url, f"s3://{location.bucket}/{location.key}"
-    else:
-        if "://" in source:
-            raise ValueError(f"{source!r} is neither a local path nor an S3 URL (s3://bucket/key or an amazonaws.com URL)")
-        local = Path(source)
-        if not local.is_file():
-            raise FileNotFoundError(f"image not found: {source}")
-        seed_key, name, identity = local.name, source, str(local.resolve())
-    try:
+    with contextlib.ExitStack() as scope:
+        local, name, identity, seed_key = _input(source, scope, timer, progress_callback)
         _notify(progress_callback, 20, "generating")
         mesh, prepared, generator = generate_mesh(local, name, settings, seed_key, timer)
-        _notify(progress_callback, 85, "exporting")
-        with timer.stage("export"):
-            files = export_model(mesh, settings.output_format, output_name(Path(seed_key).stem, identity))
-            out = Path(out_dir) if out_dir is not None else output_dir()
-            out.mkdir(parents=True, exist_ok=True)
-            for file_name, data in files:
-                (out / file_name).write_bytes(data)
-            stats = mesh_stats(mesh)
-    finally:
-        if storage is not None and local is not None:
-            storage.discard_local(local)
+    _notify(progress_callback, 85, "exporting")
+    with timer.stage("export"):
+        files = export_model(mesh, settings.output_format, output_name(Path(seed_key).stem, identity))
+        out = Path(out_dir) if out_dir is not None else output_dir()
+        out.mkdir(parents=True, exist_ok=True)
+        for file_name, data in files:
+            (out / file_name).write_bytes(data)
+        stats = mesh_stats(mesh)
     _notify(progress_callback, 100, "done")
     return {
         "status": "success",
@@ -130,9 +110,36 @@ def _generate(image_path, with_texture, output_format, progress_callback, start,
     }
 
 
+def _input(source: str, scope: contextlib.ExitStack, timer, progress_callback) -> tuple[Path, str, str, str]:
+    """(local file, name for messages, identity for the output name, seed key) of the input; a downloaded copy
+    lives until `scope` closes."""
+    from hy3d_pipeline.models.processing import LocalCopies, seed_key_for
+    from hy3d_pipeline.s3.urls import is_s3_url, parse_s3_url
+
+    if is_s3_url(source):
+        from hy3d_pipeline.settings import current
+        from hy3d_pipeline.storage.resources import ImageStorage
+
+        location = parse_s3_url(source)
+        storage = ImageStorage.from_env(images_bucket=location.bucket, region_name=location.region or current().region)
+        copies = scope.enter_context(LocalCopies(storage))
+        _notify(progress_callback, 5, "downloading")
+        with timer.stage("download"):
+            local = copies.fetch(storage.head(location.bucket, location.key))
+        # the key the pipeline seeds with for the same object, so both make the same mesh
+        seed_key = seed_key_for(_configured_storage(), location.bucket, location.key)
+        return local, location.url, f"s3://{location.bucket}/{location.key}", seed_key
+    if "://" in source:
+        raise ValueError(f"{source!r} is neither a local path nor an S3 URL (s3://bucket/key or an amazonaws.com URL)")
+    local = Path(source)
+    if not local.is_file():
+        raise FileNotFoundError(f"image not found: {source}")
+    return local, source, str(local.resolve()), local.name
+
+
 def _configured_storage():
     """The deployment's images bucket and prefix, as the code location reads them (no bucket when none is
     configured: then no URL is under the prefix, and the full key seeds)."""
-    from hy3d_pipeline.s3.resources import ImageStorage
+    from hy3d_pipeline.storage.resources import ImageStorage
 
     return ImageStorage.from_env()

@@ -9,11 +9,18 @@ from dagster import Definitions, in_process_executor
 from hy3d_pipeline.fleet.sensors import dead_runs_sensor
 from hy3d_pipeline.images.sensors import new_images_sensor
 from hy3d_pipeline.models.assets import image_to_model
+from hy3d_pipeline.models.generators.base import known_generators
 from hy3d_pipeline.models.resources import GeneratorResource
-from hy3d_pipeline.s3.resources import ImageStorage
+from hy3d_pipeline.settings import SettingsError, current
+from hy3d_pipeline.storage.resources import ImageStorage
 
 
 def build_defs() -> Definitions:
+    # every setting parsed and checked here, as the location loads: a bad value fails now, naming the variable
+    settings = current()
+    if settings.generator not in known_generators():
+        raise SettingsError(f"invalid configuration: HY3D_GENERATOR={settings.generator!r}: use one of "
+                            f"{', '.join(known_generators())}")
     # no default bucket: with nothing configured this would be AWS, where a bucket name is global and a default
     # one belongs to a stranger. Only the embedded default (`demo`/`dev`) names one, and sets S3_IMAGES_BUCKET
     # itself. Without it the location still loads; the sensor skips and runs fail, saying what to set.

@@ -169,7 +169,7 @@ def failed_partitions(instance, wanted: set[str]) -> dict[str, tuple[int, str, f
 
 def fetch_thumbnails(storage, entries: list[Entry], folder: Path) -> None:
     """Copy each model's picture from S3 into `folder`; entries without one keep their inline preview."""
-    from hy3d_pipeline.s3.errors import S3AccessError
+    from hy3d_pipeline.storage.base import StorageError
     from hy3d_pipeline.s3.urls import S3UrlError, parse_s3_url
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -179,7 +179,7 @@ def fetch_thumbnails(storage, entries: list[Entry], folder: Path) -> None:
         try:
             where = parse_s3_url(entry.thumbnail_url)
             body = storage.read(where.bucket, where.key)
-        except (S3AccessError, S3UrlError):
+        except (StorageError, S3UrlError):
             body = None
         if body and body.startswith(b"\x89PNG\r\n\x1a\n"):
             name = hashlib.sha256(entry.partition.encode()).hexdigest()[:20] + ".png"
@@ -215,7 +215,7 @@ def run_report(out_dir: str, prefix: str = "", backfill_id: str | None = None, o
     from dagster import DagsterInstance
 
     from hy3d_pipeline.embedded import setup
-    from hy3d_pipeline.s3.resources import NO_BUCKET, ImageStorage
+    from hy3d_pipeline.storage.resources import NO_BUCKET, ImageStorage
 
     with contextlib.ExitStack() as stack:
         if not setup.s3_configured():
@@ -248,10 +248,10 @@ def run_report(out_dir: str, prefix: str = "", backfill_id: str | None = None, o
 
 def _http_url(storage, model_url: str) -> str:
     """A browser link to the model, when an endpoint is configured (path-style, as the client uses it)."""
-    if not storage.endpoint_url or not model_url.startswith("s3://"):
+    if not model_url.startswith("s3://"):
         return ""
     bucket, _, key = model_url[len("s3://"):].partition("/")
-    return f"{storage.endpoint_url.rstrip('/')}/{quote(bucket)}/{quote(key)}"
+    return storage.http_url(bucket, key) or ""
 
 
 def _inline_source(markdown: Any) -> str:

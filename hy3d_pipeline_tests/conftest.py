@@ -36,7 +36,7 @@ def s3_env(seaweed, monkeypatch, tmp_path):
 
 @pytest.fixture
 def storage(s3_env):
-    from hy3d_pipeline.s3.resources import ImageStorage
+    from hy3d_pipeline.storage.resources import ImageStorage
 
     return ImageStorage.from_env()
 

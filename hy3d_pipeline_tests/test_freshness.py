@@ -8,7 +8,7 @@ from dagster import AssetKey, AssetRecordsFilter, materialize
 from hy3d_pipeline.definitions import build_defs
 from hy3d_pipeline.models import processing
 from hy3d_pipeline.models.processing import META_SOURCE_ETAG
-from hy3d_pipeline.s3.resources import ImageStorage
+from hy3d_pipeline.storage.resources import ImageStorage
 from hy3d_pipeline_tests.conftest import png_bytes
 
 MODELS = AssetKey("models_3d")

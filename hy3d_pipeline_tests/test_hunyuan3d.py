@@ -217,7 +217,7 @@ def test_flashvdm_without_local_turbo_vae_names_the_path(models, hy):
 
 
 def test_rembg_without_model_file_names_the_file(tmp_path, monkeypatch):
-    from hy3d_pipeline.models.generators.background import remove_background
+    from hy3d_pipeline.images.foreground import remove_background
 
     missing = tmp_path / "models" / "u2net.onnx"
     monkeypatch.setenv("HY3D_REMBG_MODEL", str(missing))

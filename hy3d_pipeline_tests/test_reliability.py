@@ -31,7 +31,7 @@ def own_server(tmp_path, monkeypatch):
     monkeypatch.setenv("S3_TEMP_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("S3_DOWNLOAD_TIMEOUT", "5")
     monkeypatch.setenv("HY3D_GENERATOR", "extrude")
-    from hy3d_pipeline.s3.resources import ImageStorage
+    from hy3d_pipeline.storage.resources import ImageStorage
 
     storage = ImageStorage.from_env(max_attempts=1)
     for i, key in enumerate(KEYS):
@@ -128,7 +128,7 @@ def test_run_killed_mid_batch_then_retried(own_server, instance, monkeypatch):
 
 
 def _count_downloads(monkeypatch) -> Counter:
-    from hy3d_pipeline.s3.resources import ImageStorage
+    from hy3d_pipeline.storage.resources import ImageStorage
 
     counts: Counter = Counter()
     original = ImageStorage.download
@@ -144,7 +144,7 @@ def _count_downloads(monkeypatch) -> Counter:
 def _overwritten_between_head_and_get(monkeypatch, storage, key: str) -> None:
     """A real transient fault, once: the object is overwritten right after its HEAD, so the download's GET
     (conditional on the ETag the HEAD saw) gets 412 from SeaweedFS."""
-    from hy3d_pipeline.s3.resources import ImageStorage
+    from hy3d_pipeline.storage.resources import ImageStorage
 
     original, fired = ImageStorage.head, []
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from hy3d_pipeline.s3.errors import S3AccessError
-from hy3d_pipeline.s3.resources import ImageStorage, ObjectInfo, safe_local_name
+from hy3d_pipeline.storage.resources import ImageStorage, ObjectInfo, safe_local_name
 
 
 def test_missing_key_names_object(storage):

@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 
 from hy3d_pipeline.s3.errors import S3AccessError
-from hy3d_pipeline.s3.resources import NO_BUCKET, ImageStorage, ObjectInfo, etag_is_md5
+from hy3d_pipeline.storage.resources import NO_BUCKET, ImageStorage, ObjectInfo
+from hy3d_pipeline.storage.s3 import etag_is_md5
 
 EMPTY_PAGE = (b'<?xml version="1.0" encoding="UTF-8"?><ListBucketResult><Name>b</Name><Prefix></Prefix>'
               b"<KeyCount>0</KeyCount><MaxKeys>1000</MaxKeys><IsTruncated>false</IsTruncated></ListBucketResult>")
@@ -222,7 +223,7 @@ def test_model_head_403_without_listbucket_is_absent_and_warned_once(fake_creds,
                                max_attempts=1)
         source = ObjectInfo("imgs", "a.png", "b" * 32, 3)
         settings = GeneratorResource(generator="extrude").settings()
-        with caplog.at_level(logging.WARNING, logger="hy3d_pipeline.s3.resources"):
+        with caplog.at_level(logging.WARNING, logger="hy3d_pipeline.storage.s3"):
             assert existing_model(storage, "models/a.png.glb", source, settings) is None
             assert existing_model(storage, "models/b.png.glb", source, settings) is None
         warnings = [r.getMessage() for r in caplog.records if "s3:ListBucket" in r.getMessage()]

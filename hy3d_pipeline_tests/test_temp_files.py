@@ -69,7 +69,7 @@ def test_run_start_sweeps_what_a_killed_download_left(instance, storage, s3):
 
 
 def test_sweep_temp_keeps_copies_when_cleanup_is_off(storage, tmp_path):
-    from hy3d_pipeline.s3.resources import ImageStorage
+    from hy3d_pipeline.storage.resources import ImageStorage
 
     keeping = ImageStorage.from_env(cleanup_temp_files=False, temp_dir=str(tmp_path / "keep"))
     folder = keeping.local_dir()

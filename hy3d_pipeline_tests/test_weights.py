@@ -42,7 +42,7 @@ def test_present_weights_are_kept_and_rembg_offline_fails(offline, monkeypatch):
     said = []
     assert fetch_weights(settings, rembg=False, out=said.append)
     assert said and said[0].startswith("already present")
-    monkeypatch.setattr("hy3d_pipeline.models.generators.background.REMBG_MODEL_URL", f"{__import__('os').environ['HF_ENDPOINT']}/u2net.onnx")
+    monkeypatch.setattr("hy3d_pipeline.images.foreground.REMBG_MODEL_URL", f"{__import__('os').environ['HF_ENDPOINT']}/u2net.onnx")
     with pytest.raises(WeightsError, match="u2net.onnx"):
         fetch_weights(settings, out=said.append)
     assert not (offline / "rembg").exists() or not list((offline / "rembg").iterdir())

@@ -91,7 +91,7 @@ def run_demo(out=print) -> int:
     from hy3d_pipeline.images.sensors import list_images
     from hy3d_pipeline.images.partitions import relative_key_for
     from hy3d_pipeline.models.resources import GeneratorResource
-    from hy3d_pipeline.s3.resources import NO_BUCKET, ImageStorage
+    from hy3d_pipeline.storage.resources import NO_BUCKET, ImageStorage
 
     start = time.perf_counter()
     with contextlib.ExitStack() as stack:
@@ -116,7 +116,7 @@ def run_demo(out=print) -> int:
             head = storage.head_or_none(storage.models_bucket_name, model_key)
             if head:
                 local = download_model(storage, model_key)
-                out(f"  {key} -> s3://{storage.models_bucket_name}/{model_key} ({head['ContentLength']} bytes), "
+                out(f"  {key} -> s3://{storage.models_bucket_name}/{model_key} ({head.size} bytes), "
                     f"copy at {local}")
             else:
                 failed += 1

@@ -15,6 +15,7 @@ import subprocess
 import sys
 
 from hy3d_pipeline.embedded import setup
+from hy3d_pipeline.settings import current
 
 
 def _restore_sigint() -> None:
@@ -47,7 +48,7 @@ def run_dev(host: str = "127.0.0.1", port: int = 3000, out=print) -> int:
         )
         stack.callback(stop_process, proc)
         children = [proc]
-        if not os.getenv("HY3D_BROKER_URL", "").strip():
+        if not current().broker_url:
             log = open(home.parent / "worker.log", "ab")
             worker = subprocess.Popen([sys.executable, "-m", "hy3d_pipeline.cli", "worker", "--concurrency", "1"],
                                       stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -58,7 +59,7 @@ def run_dev(host: str = "127.0.0.1", port: int = 3000, out=print) -> int:
                 "model warm across runs")
         else:
             out("HY3D_BROKER_URL is set: runs wait for `hy3d-pipeline worker` processes on queue "
-                f"{os.getenv('HY3D_WORKER_QUEUE') or 'gpu'}")
+                f"{current().worker_queue}")
         previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
         escalation = [signal.SIGINT, signal.SIGTERM, signal.SIGKILL]
 

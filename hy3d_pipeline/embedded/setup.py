@@ -12,6 +12,7 @@ import secrets
 from pathlib import Path
 
 from hy3d_pipeline.embedded.seaweedfs import SeaweedS3
+from hy3d_pipeline.settings import current
 
 EMBEDDED_BUCKET = "hy3d-images"
 SAMPLES_PREFIX = "samples/"
@@ -19,11 +20,11 @@ SAMPLES_PREFIX = "samples/"
 
 
 def hy3d_home() -> Path:
-    return Path(os.getenv("HY3D_HOME") or ".hy3d").absolute()
+    return current().home_folder
 
 
 def s3_configured() -> bool:
-    return bool(os.getenv("S3_IMAGES_BUCKET") or os.getenv("S3_ENDPOINT_URL"))
+    return current().s3_configured
 
 
 def _credentials(home: Path) -> tuple[str, str]:
@@ -76,7 +77,7 @@ def enter_embedded_default(stack, out=print) -> Path:
     """Everything `demo` and `dev` share: the embedded S3 with samples unless S3 is configured (stopped when
     `stack` closes), and the Dagster home. Returns DAGSTER_HOME."""
     if not s3_configured():
-        from hy3d_pipeline.s3.resources import ImageStorage
+        from hy3d_pipeline.storage.resources import ImageStorage
 
         server = start_embedded_s3()
         stack.callback(server.stop)

@@ -17,6 +17,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from hy3d_pipeline.settings import current
+
 HEADER = "# written by hy3d-pipeline; delete this line to keep your own edits"
 
 # dagster-postgres's own classes, with the URL normalised and a connection pool (see postgres.py)
@@ -74,42 +76,24 @@ run_retries:
 """
 
 
-def _int_env(name: str, default: int) -> int:
-    raw = os.getenv(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError(f"{name}={raw!r}: expected a whole number") from None
-    if value < 1:
-        raise ValueError(f"{name}={raw!r}: expected 1 or more")
-    return value
-
-
-def worker_queue() -> str:
-    return os.getenv("HY3D_WORKER_QUEUE", "").strip() or "gpu"
-
-
 def instance_yaml(home: Path, launcher: str | None = None) -> str:
     """dagster.yaml for a Dagster home at `home`, from the current environment's choices (not its values)."""
-    launcher = (launcher or os.getenv("HY3D_RUN_LAUNCHER", "") or "workers").strip().lower()
-    if launcher not in ("workers", "default"):
-        raise ValueError(f"HY3D_RUN_LAUNCHER={launcher!r}: use 'workers' (long-lived generation workers) or 'default'")
-    slots = _int_env("HY3D_GPU_SLOTS", 1)
+    settings = current()
+    launcher = launcher or settings.run_launcher
     parts = [HEADER + "\n"]
-    if os.getenv("DAGSTER_PG_URL", "").strip():
+    if settings.pg_url:
         parts.append(_STORAGE_POSTGRES)
     # else Dagster's own SQLite layout in the home folder, where an existing home keeps its history
     if launcher == "workers":
-        broker = "    broker: {env: HY3D_BROKER_URL}\n" if os.getenv("HY3D_BROKER_URL", "").strip() else ""
-        parts.append(_LAUNCHER_WORKERS.format(broker=broker, queue=worker_queue(), local_folder=home.parent / "workers"))
+        broker = "    broker: {env: HY3D_BROKER_URL}\n" if settings.broker_url else ""
+        parts.append(_LAUNCHER_WORKERS.format(broker=broker, queue=settings.worker_queue,
+                                              local_folder=home.parent / "workers"))
     parts.append(_COMMON.format(
-        gpu_slots=slots,
-        max_runs=_int_env("HY3D_MAX_CONCURRENT_RUNS", 2 * slots + 2),
+        gpu_slots=settings.gpu_slots,
+        max_runs=settings.run_limit,
         # a launched run waits in the workers' queue behind at most the runs the pool buffer lets through
-        start_timeout=_int_env("HY3D_RUN_START_TIMEOUT", 1800),
-        run_retries=_int_env("HY3D_RUN_RETRIES", 2),
+        start_timeout=settings.run_start_timeout,
+        run_retries=settings.run_retries,
     ))
     return "".join(parts)
 
@@ -117,15 +101,14 @@ def instance_yaml(home: Path, launcher: str | None = None) -> str:
 def prepare_dagster_home(home: Path | None = None, launcher: str | None = None) -> Path:
     """DAGSTER_HOME (`$HY3D_HOME/dagster` unless DAGSTER_HOME is set), its dagster.yaml written or brought up
     to date unless the user took it over (removed our header line); sets DAGSTER_HOME for this process."""
-    from hy3d_pipeline.embedded.setup import hy3d_home
-
-    path = Path(os.environ["DAGSTER_HOME"]) if os.getenv("DAGSTER_HOME") else (home or hy3d_home()) / "dagster"
+    settings = current()
+    path = Path(settings.dagster_home) if settings.dagster_home else (home or settings.home_folder) / "dagster"
     path = path.absolute()
     path.mkdir(parents=True, exist_ok=True)
     config = path / "dagster.yaml"
     wanted = instance_yaml(path, launcher)
-    current = config.read_text() if config.exists() else None
-    if current is None or (current.startswith(HEADER) and current != wanted):
+    existing = config.read_text() if config.exists() else None
+    if existing is None or (existing.startswith(HEADER) and existing != wanted):
         tmp = config.with_name(f".dagster.yaml.{os.getpid()}")
         tmp.write_text(wanted)
         os.replace(tmp, config)
@@ -135,7 +118,7 @@ def prepare_dagster_home(home: Path | None = None, launcher: str | None = None) 
     from dagster import DagsterInstance
 
     with DagsterInstance.get() as instance:
-        _create_gpu_pool(instance, _int_env("HY3D_GPU_SLOTS", 1))
+        _create_gpu_pool(instance, settings.gpu_slots)
     return path
 
 

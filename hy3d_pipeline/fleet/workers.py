@@ -86,7 +86,7 @@ def launcher_args() -> dict[str, Any]:
         launcher = instance.run_launcher
         if not isinstance(launcher, WorkerRunLauncher):
             raise SystemExit(
-                f"the Dagster instance at {os.environ.get('DAGSTER_HOME')} launches runs with "
+                f"the Dagster instance at {instance.root_directory} launches runs with "
                 f"{type(launcher).__name__}, not hy3d-pipeline's workers: no run would reach this worker. "
                 "Unset HY3D_RUN_LAUNCHER (or set it to 'workers'), or point DAGSTER_HOME at the fleet's home")
         return launcher.app_args()
@@ -118,7 +118,7 @@ def run_worker(concurrency: int = 1, loglevel: str = "INFO", out=print) -> int:
 
 
 def _sweep_temp(out) -> None:
-    from hy3d_pipeline.s3.resources import ImageStorage
+    from hy3d_pipeline.storage.resources import ImageStorage
 
     try:
         removed = ImageStorage.from_env().sweep_temp()

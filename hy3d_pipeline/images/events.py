@@ -12,33 +12,20 @@ person to look at). A tick that never commits leaves its messages to reappear af
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 from dataclasses import dataclass, field
 from urllib.parse import unquote_plus, urlsplit
+from hy3d_pipeline.settings import current
 
 _KEEP_TICKS = 3  # a handle the queue keeps refusing is stale (its message came back): stop trying
 _RING = 64  # slots for pending receipt handles; a slot is reused 64 ticks later, long after it was deleted
 
 
-def queue_url() -> str:
-    return os.getenv("S3_EVENTS_QUEUE_URL", "").strip()
-
-
-def reconcile_seconds() -> float:
-    return float(os.getenv("HY3D_RECONCILE_SECONDS", "3600") or 3600)
-
-
-def visibility_seconds(interval: int) -> int:
-    """How long received messages stay hidden: longer than a tick, so they are deleted before they reappear."""
-    return int(os.getenv("HY3D_SQS_VISIBILITY_SECONDS") or max(60, 4 * interval))
-
-
 def sqs_client(url: str, region: str):
     import boto3
 
-    endpoint = os.getenv("SQS_ENDPOINT_URL") or None
+    endpoint = current().sqs_endpoint_url or None
     host = urlsplit(url).hostname or ""
     if endpoint is None and not host.endswith(("amazonaws.com", "amazonaws.com.cn")):
         endpoint = f"{urlsplit(url).scheme}://{urlsplit(url).netloc}"  # S3-compatible setups: the queue's own host

@@ -17,7 +17,6 @@ import base64
 import hashlib
 import json
 import math
-import os
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from dagster import AssetKey, AssetObservation, RunRequest, SensorResult
 from hy3d_pipeline.images.catalog import DELETED, RequestedImages
 from hy3d_pipeline.images.partitions import IMAGES_PARTITIONS_NAME, images_partitions
 from hy3d_pipeline.images.retries import SENSOR_NAME, SENSOR_TAG, TICK_TAG, unfinished
+from hy3d_pipeline.settings import current
 
 SHARDS = 2048
 PIPELINE_ASSETS = [AssetKey("source_images"), AssetKey("local_images"), AssetKey("models_3d")]
@@ -36,30 +36,11 @@ _ADD_CHUNK = 500
 _MASK = (1 << 64) - 1
 
 
-def batch_size() -> int:
-    return max(1, int(os.getenv("HY3D_BATCH_SIZE", "8") or 8))
-
-
-def max_batch_size() -> int:
-    return max(1, int(os.getenv("HY3D_MAX_BATCH_SIZE", "32") or 32))
-
-
 def burst_batch_size(backlog: int, base: int) -> int:
     """Images per run for a backlog: per-run costs (launch, process start, model load) are paid per run, so a big
     backlog gets bigger runs, up to HY3D_MAX_BATCH_SIZE; a quarter of the backlog per run keeps a few runs to
     share between workers. Never below `base` (HY3D_BATCH_SIZE), so small bursts keep their latency."""
-    return max(base, min(math.ceil(backlog / 4), max_batch_size()))
-
-
-def max_images_per_tick() -> int:
-    return max(1, int(os.getenv("HY3D_SENSOR_MAX_IMAGES", "5000") or 5000))
-
-
-def deleted_policy() -> str:
-    policy = (os.getenv("HY3D_DELETED_SOURCES") or "mark").strip().lower()
-    if policy not in ("mark", "remove-partition"):
-        raise ValueError(f"HY3D_DELETED_SOURCES={policy!r}: use 'mark' or 'remove-partition'")
-    return policy
+    return max(base, min(math.ceil(backlog / 4), current().max_batch_size))
 
 
 def _hash(text: str) -> bytes:
@@ -207,7 +188,7 @@ def plan_tick(instance, cursor: Cursor | None, observed: Observed, size: int, li
 
     todo = sorted({k for k in candidates if not settled(k)} | {k for k in etags if k not in existing_set})
     deleted = sorted(k for k in gone if rows.get(k, ("",))[0] != DELETED and (k in existing_set or k in rows))
-    limit = limit or max_images_per_tick()
+    limit = limit or current().sensor_max_images
     deferred = todo[limit:]
     todo = todo[:limit]
     if deferred and next_cursor.shards:
@@ -236,7 +217,7 @@ def plan_tick(instance, cursor: Cursor | None, observed: Observed, size: int, li
     new_keys = [k for k in todo if k not in known]
     size = burst_batch_size(len(todo), size)
     if observed.complete:
-        order = [k for k in existing if k not in set(deleted) or deleted_policy() == "mark"] + new_keys
+        order = [k for k in existing if k not in set(deleted) or current().deleted_sources == "mark"] + new_keys
         batches = contiguous_batches(todo, order, size)
     else:  # positions of existing partitions are unknown here: changed images run alone, new ones in batches
         batches = [[k] for k in todo if k in known] + contiguous_batches(new_keys, new_keys, size)
@@ -244,13 +225,13 @@ def plan_tick(instance, cursor: Cursor | None, observed: Observed, size: int, li
     partitions = [images_partitions.build_add_request(new_keys[i:i + _ADD_CHUNK])
                   for i in range(0, len(new_keys), _ADD_CHUNK)]
     events = [AssetObservation(asset_key=PIPELINE_ASSETS[0], partition=k, metadata={
-        "deleted": True, "policy": deleted_policy(),
+        "deleted": True, "policy": current().deleted_sources,
         "note": "the source object is gone; its generated model is kept"}) for k in deleted if k in existing_set]
     events += [AssetObservation(asset_key=PIPELINE_ASSETS[0], partition=k, metadata={
         "gave_up": True, "attempts": v["attempts"], "last_run_id": v["last_run_id"], "etag": v["etag"],
         "note": f"no model after {v['attempts']} run(s); nothing more is requested until the image changes"})
         for k, v in gave_up.items()]
-    if deleted and deleted_policy() == "remove-partition":
+    if deleted and current().deleted_sources == "remove-partition":
         present = [k for k in deleted if k in existing_set]
         partitions += [images_partitions.build_delete_request(present[i:i + _ADD_CHUNK])
                        for i in range(0, len(present), _ADD_CHUNK)]

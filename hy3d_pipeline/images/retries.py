@@ -14,7 +14,6 @@ The tick number tag, not the run key, ties a run to a row: run keys are digests 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -22,6 +21,7 @@ from datetime import datetime, timezone
 from dagster import AssetKey, AssetRecordsFilter, DagsterRunStatus, RunsFilter
 
 from hy3d_pipeline.images.catalog import DELETED, RequestedImages
+from hy3d_pipeline.settings import current
 
 SENSOR_TAG = "hy3d/sensor"
 TICK_TAG = "hy3d/tick"
@@ -34,15 +34,6 @@ MODELS = AssetKey("models_3d")
 # runs ended this long before a tick are looked at again by the next one: a run storage may commit a status
 # change after its timestamp (a concurrent transaction), and looking twice is harmless (the row no longer matches)
 OVERLAP_S = 60.0
-
-
-def max_attempts() -> int:
-    return max(1, int(os.getenv("HY3D_MAX_ATTEMPTS", "3") or 3))
-
-
-def backoff_seconds() -> float:
-    default = os.getenv("HY3D_SENSOR_INTERVAL", "15") or "15"
-    return max(0.0, float(os.getenv("HY3D_RETRY_BACKOFF_SECONDS", default) or 0))
 
 
 @dataclass
@@ -104,7 +95,7 @@ def unfinished(instance, catalog: RequestedImages, committed_seq: int | None, ru
     result = Retries()
     hold = now - OVERLAP_S
     rows = catalog.get(list(latest))
-    limit, base = max_attempts(), backoff_seconds()
+    limit, base = current().max_attempts, current().retry_backoff
     for key, (tick, run_id, ended) in latest.items():
         row = rows.get(key)
         if row is None or row.etag == DELETED:

@@ -9,7 +9,6 @@ HY3D_RECONCILE_SECONDS to catch anything the queue missed.
 
 from __future__ import annotations
 
-import os
 import time
 
 from dagster import DefaultSensorStatus, SensorEvaluationContext, SensorResult, SkipReason, sensor
@@ -18,8 +17,9 @@ from hy3d_pipeline.images import events
 from hy3d_pipeline.images.catalog import RequestedImages
 from hy3d_pipeline.images.formats import has_image_extension
 from hy3d_pipeline.images.partitions import partition_key_for
-from hy3d_pipeline.images.planner import PIPELINE_ASSETS, Cursor, Observed, batch_size, max_images_per_tick, plan_tick
-from hy3d_pipeline.s3.resources import NO_BUCKET, ImageStorage
+from hy3d_pipeline.images.planner import PIPELINE_ASSETS, Cursor, Observed, plan_tick
+from hy3d_pipeline.settings import current
+from hy3d_pipeline.storage.resources import NO_BUCKET, ImageStorage
 
 
 def image_partition_key(storage: ImageStorage, key: str) -> str | None:
@@ -45,11 +45,8 @@ def list_images(storage: ImageStorage) -> dict[str, str]:
 
 def _current_etag(storage: ImageStorage, key: str) -> str | None:
     head = storage.head_or_none(storage.images_bucket, key)
-    return head["ETag"].strip('"') if head else None
+    return head.etag if head else None
 
-
-def sensor_interval() -> int:
-    return max(1, int(os.getenv("HY3D_SENSOR_INTERVAL", "15") or 15))
 
 
 def settle_created(batch: events.EventBatch, catalog: RequestedImages, storage: ImageStorage) -> None:
@@ -74,8 +71,8 @@ def settle_created(batch: events.EventBatch, catalog: RequestedImages, storage: 
 
 def observe_events(context, storage: ImageStorage, cursor: Cursor | None, url: str, client):
     """(Observed from the queue, the batch)."""
-    batch = events.receive(client, url, storage.images_bucket, max_messages=max_images_per_tick(),
-                           visibility=events.visibility_seconds(sensor_interval()), budget_s=20.0)
+    batch = events.receive(client, url, storage.images_bucket, max_messages=current().sensor_max_images,
+                           visibility=current().sqs_visibility(), budget_s=20.0)
     events.settle_deletions(batch, lambda key: _current_etag(storage, key))
     settle_created(batch, RequestedImages(context.instance), storage)
     created = {}
@@ -89,7 +86,7 @@ def observe_events(context, storage: ImageStorage, cursor: Cursor | None, url: s
 
 @sensor(
     name="new_images_sensor",
-    minimum_interval_seconds=sensor_interval(),
+    minimum_interval_seconds=current().sensor_interval,
     asset_selection=PIPELINE_ASSETS,
     default_status=DefaultSensorStatus.RUNNING,
     description="Adds a partition per new image and requests batched runs for new and overwritten (new ETag) "
@@ -105,7 +102,7 @@ def new_images_sensor(context: SensorEvaluationContext, storage: ImageStorage):
     if problem:
         raise ValueError(problem)
     cursor = Cursor.load(context.cursor)
-    url = events.queue_url()
+    url = current().events_queue_url
     batch = None
     kept: list[int] = []
     if url:
@@ -114,14 +111,14 @@ def new_images_sensor(context: SensorEvaluationContext, storage: ImageStorage):
         # in the dead-letter queue under a redrive policy
         if cursor and cursor.pending:
             kept = events.PendingDeletes(context.instance).flush(client, url, cursor.pending, context.log.warning)
-    if url and cursor is not None and time.time() - cursor.reconciled_at < events.reconcile_seconds():
+    if url and cursor is not None and time.time() - cursor.reconciled_at < current().reconcile_seconds:
         observed, batch = observe_events(context, storage, cursor, url, client)
         if batch.unreadable:
             context.log.warning(f"{len(batch.unreadable)} unreadable queue message(s) left in the queue for its "
                                 f"redrive policy, ids: {', '.join(batch.unreadable[:20])}")
     else:
         observed = Observed(list_images(storage), complete=True)
-    plan = plan_tick(context.instance, cursor, observed, batch_size())
+    plan = plan_tick(context.instance, cursor, observed, current().batch_size)
     if url and observed.complete:
         plan.cursor.reconciled_at = time.time()
     plan.cursor.pending = [s for s in kept if s != plan.cursor.seq]

@@ -15,10 +15,11 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
-from scipy import ndimage
 
 from hy3d_pipeline.images.formats import IMAGE_EXTENSIONS, has_image_extension
-from hy3d_pipeline.models.generators.base import PreparedImage
+from hy3d_pipeline.images.foreground import find_foreground
+from hy3d_pipeline.images.prepared import ImageRejected, PreparedImage
+from hy3d_pipeline.settings import current
 
 __all__ = [
     "IMAGE_EXTENSIONS", "ImageRejected", "has_image_extension", "prepare_image", "to_rgba8", "verify_image",
@@ -26,38 +27,14 @@ __all__ = [
 ACCEPTED_FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "WEBP")
 # Pillow calls multi-picture JPEGs (most phone cameras) MPO; they are JPEGs to everyone else
 _FORMAT_ALIASES = {"MPO": "JPEG"}
-DEFAULT_MAX_PIXELS = 64_000_000
 DEFAULT_MAX_SIDE = 1024
 
-# Uniform-background detection, in 0-255 RGB distance: loose enough for JPEG ringing on a white sheet,
-# tight enough that a photographed scene does not pass as "plain".
-_BORDER_TOLERANCE = 24.0
-_BORDER_AGREEMENT = 0.9
-_FOREGROUND_TOLERANCE = 32.0
-_MIN_FOREGROUND_FRACTION = 0.001
-_SPECK_FRACTION = 0.0005  # blobs and holes smaller than this share of the image are noise
 
-
-class ImageRejected(ValueError):
-    """An input that cannot become a model; the message names the input and the problem."""
-
-    def __init__(self, name: str, problem: str) -> None:
-        super().__init__(f"{name}: {problem}")
-        self.name = name
-        self.problem = problem
 
 
 def resolve_max_pixels(max_pixels: int | None = None) -> int:
-    """The decompression-bomb limit: the explicit argument, else HY3D_MAX_IMAGE_PIXELS, else 64 megapixels."""
-    if max_pixels is not None:
-        return int(max_pixels)
-    env = os.environ.get("HY3D_MAX_IMAGE_PIXELS", "").strip()
-    if not env:
-        return DEFAULT_MAX_PIXELS
-    try:
-        return int(env)
-    except ValueError:
-        raise ValueError(f"HY3D_MAX_IMAGE_PIXELS must be a whole number of pixels, not {env!r}") from None
+    """The decompression-bomb limit: the explicit argument, else HY3D_MAX_IMAGE_PIXELS."""
+    return int(max_pixels) if max_pixels is not None else current().max_image_pixels
 
 
 def verify_image(path: str | os.PathLike, name: str, *, max_pixels: int | None = None) -> dict[str, Any]:
@@ -81,38 +58,9 @@ def prepare_image(
         size = (max(1, round(rgba.width * scale)), max(1, round(rgba.height * scale)))
         rgba = rgba.resize(size, Image.Resampling.LANCZOS)
 
-    pixels = np.asarray(rgba)
-    alpha = pixels[..., 3]
-    # An alpha channel is a cut-out only if it makes something transparent; one that is merely not quite
-    # opaque everywhere (some exporters write 254) says nothing about where the object is.
-    if (alpha <= 127).any():
-        mask, method = alpha > 127, "alpha"
-    else:
-        mask = _mask_from_plain_background(pixels[..., :3])
-        if mask is None:
-            rgba = _remove_background(rgba, name)
-            mask, method = np.asarray(rgba)[..., 3] > 127, "rembg"
-        else:
-            method = "uniform-background"
-            pixels = pixels.copy()
-            pixels[..., 3] = np.where(mask, 255, 0)  # later steps see a cut-out whatever the method
-            rgba = Image.fromarray(pixels, "RGBA")
-
-    if mask.mean() < _MIN_FOREGROUND_FRACTION:
-        raise ImageRejected(name, f"no foreground: nothing stands out from the background ({method})")
+    rgba, mask, method = find_foreground(rgba, name)
     return PreparedImage(name=name, rgba=rgba, mask=mask, foreground_method=method)
 
-
-def _remove_background(rgba: Image.Image, name: str) -> Image.Image:
-    """A photo with neither alpha nor a plain background: rembg, from a local model file only."""
-    from hy3d_pipeline.models.generators.background import remove_background
-    from hy3d_pipeline.models.generators.base import GenerationError
-
-    try:
-        return remove_background(rgba, name)[0]
-    except GenerationError as exc:
-        raise ImageRejected(name, "image has no transparency and no plain background to cut the object from; "
-                            f"{str(exc).removeprefix(name + ': ')}") from exc
 
 
 def to_rgba8(image: Image.Image) -> Image.Image:
@@ -245,32 +193,3 @@ def _sniff(path: str | os.PathLike) -> str:
     if all(ch.isprintable() or ch in "\r\n\t" for ch in text):
         return "plain text"
     return "unrecognised binary data"
-
-
-def _mask_from_plain_background(rgb: np.ndarray) -> np.ndarray | None:
-    """Foreground of an opaque image whose border is one colour (a product shot), or None if it is not."""
-    rgb = rgb.astype(np.float32)
-    border = np.concatenate([rgb[0], rgb[-1], rgb[1:-1, 0], rgb[1:-1, -1]])
-    background = np.median(border, axis=0)
-    if (np.linalg.norm(border - background, axis=1) <= _BORDER_TOLERANCE).mean() < _BORDER_AGREEMENT:
-        return None
-    mask = np.linalg.norm(rgb - background, axis=2) > _FOREGROUND_TOLERANCE
-    return _drop_specks(mask)
-
-
-def _drop_specks(mask: np.ndarray) -> np.ndarray:
-    # compression noise makes specks outside the object and pinholes inside it; real holes (a handle) are large
-    smallest = max(4, int(mask.size * _SPECK_FRACTION))
-    labels, count = ndimage.label(mask)
-    if count:
-        sizes = np.bincount(labels.ravel())
-        mask = (sizes >= smallest)[labels] & mask
-    holes, count = ndimage.label(~mask)
-    if count:
-        sizes = np.bincount(holes.ravel())
-        touching_border = np.unique(np.concatenate([holes[0], holes[-1], holes[:, 0], holes[:, -1]]))
-        fill = sizes < smallest
-        fill[touching_border] = False
-        fill[0] = False
-        mask = mask | fill[holes]
-    return mask

@@ -13,12 +13,11 @@ from the step, and a batch step spans a range), so the step records `AssetCheckE
 """
 
 
-import os
 import socket
 import time
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, Optional
 
 from dagster import (
     AssetCheckEvaluation,
@@ -48,24 +47,27 @@ from dagster._core.definitions.asset_checks.asset_check_evaluation import (
 )
 
 from hy3d_pipeline.images.partitions import images_partitions, relative_key_for
-from hy3d_pipeline.images.planner import batch_size
 from hy3d_pipeline.models.checks import CHECKS
-from hy3d_pipeline.models.resources import GeneratorResource
+from hy3d_pipeline.models.resources import GeneratorResource, choice
+from hy3d_pipeline.settings import OutputFormat, TextureMode, current
 from hy3d_pipeline.models.generators.base import GenerationError
-from hy3d_pipeline.s3.errors import S3AccessError
+from hy3d_pipeline.storage.base import StorageError
 from hy3d_pipeline.s3.redact import redact
-from hy3d_pipeline.s3.resources import ImageStorage, ObjectInfo
+from hy3d_pipeline.storage.resources import ImageStorage, ObjectInfo
 
 SOURCE, LOCAL, MODELS = AssetKey("source_images"), AssetKey("local_images"), AssetKey("models_3d")
 DATA_VERSION_TAG = "dagster/data_version"
 PREFETCH = 2
 
 
-class ModelsRunConfig(Config):
-    """Per-run overrides, settable in the UI's launchpad."""
+FORMAT_CHOICES, TEXTURE_CHOICES = choice(OutputFormat), choice(TextureMode)
 
-    output_format: str | None = None
-    texture: str | None = None
+
+class ModelsRunConfig(Config):
+    """Per-run overrides, settable in the UI's launchpad (which offers the choices)."""
+
+    output_format: Optional[FORMAT_CHOICES] = None  # noqa: UP007 - Dagster's schema reads Optional
+    texture: Optional[TEXTURE_CHOICES] = None  # noqa: UP007
 
 
 specs = [
@@ -102,36 +104,6 @@ def _inline(picture, alt: str) -> dict[str, Any]:
 
     return {alt: MetadataValue.md(inline_markdown(picture, alt))}
 
-
-def _fetch(storage: ImageStorage, key: str, want_local: bool, want_verify: bool):
-    """Runs in a prefetch thread: HEAD, then the verified download when a selected asset needs it. A failure
-    after the HEAD is returned, not raised, so the object itself is still recorded as a source image."""
-    from hy3d_pipeline.models.processing import Timer
-
-    timer = Timer()
-    with timer.stage("head"):
-        info = storage.head(storage.images_bucket, storage.image_key(relative_key_for(key)))
-    path = verified = None
-    try:
-        if want_local:
-            with timer.stage("download"):
-                path = storage.download(info)
-            if want_verify:
-                from hy3d_pipeline.images.validation import verify_image
-                from hy3d_pipeline.models.thumbnails import image_preview
-
-                with timer.stage("verify"):
-                    verified = verify_image(path, info.url)
-                with timer.stage("preview"):
-                    try:
-                        verified = {**_inline(image_preview(path), "thumbnail"), **verified}
-                    except Exception:  # noqa: BLE001 - a verified image without a preview is still good
-                        pass
-    except Exception as exc:  # noqa: BLE001 - re-raised by the consumer, after the source is recorded
-        if path is not None:
-            storage.discard_local(path)
-        return info, None, None, timer, exc
-    return info, path, verified, timer, None
 
 
 def _check_evaluations(context: AssetExecutionContext, key: str, outcome, max_faces: int,
@@ -171,26 +143,6 @@ def _model_metadata(outcome, info: ObjectInfo, settings) -> dict[str, Any]:
     }
 
 
-def _existing_for_checks(storage: ImageStorage, info: ObjectInfo, settings, timer, path):
-    from hy3d_pipeline.models.processing import complete_existing, existing_model
-
-    model_key = storage.model_key(storage.relative_key(info.key), settings.output_format)
-    done = existing_model(storage, model_key, info, settings)
-    if done is None:
-        raise GenerationError(f"{info.url}: no model made from this version of the image with these settings "
-                              f"at s3://{storage.models_bucket_name}/{model_key}; materialize models_3d first")
-    return complete_existing(storage, done, info, settings, path, timer)
-
-
-def image_attempts() -> int:
-    """Tries per image for transient failures (HY3D_IMAGE_ATTEMPTS, default 3)."""
-    return max(1, int(os.getenv("HY3D_IMAGE_ATTEMPTS") or 3))
-
-
-def image_retry_delay() -> float:
-    """Seconds before an image's first retry, doubled for each further one (HY3D_IMAGE_RETRY_DELAY, default 1)."""
-    return max(0.0, float(os.getenv("HY3D_IMAGE_RETRY_DELAY") or 1.0))
-
 
 def _done_earlier_in_run(context: AssetExecutionContext, keys: list[str], selected) -> set[str]:
     """Keys whose every selected asset was recorded by an earlier attempt of this step (this run's event log).
@@ -205,7 +157,7 @@ def _done_earlier_in_run(context: AssetExecutionContext, keys: list[str], select
         return set()
     seen: dict[str, set[AssetKey]] = {}
     records = context.instance.get_records_for_run(
-        context.run_id, of_type={DagsterEventType.ASSET_MATERIALIZATION, DagsterEventType.ASSET_OBSERVATION}).records
+        context.run.run_id, of_type={DagsterEventType.ASSET_MATERIALIZATION, DagsterEventType.ASSET_OBSERVATION}).records
     for record in records:
         event = record.event_log_entry.dagster_event
         data = event.event_specific_data if event else None
@@ -226,12 +178,12 @@ def _done_earlier_in_run(context: AssetExecutionContext, keys: list[str], select
     partitions_def=images_partitions,
     pool="gpu",
     retry_policy=RetryPolicy(max_retries=3, delay=2, backoff=Backoff.EXPONENTIAL),
-    backfill_policy=BackfillPolicy.multi_run(batch_size()),
+    backfill_policy=BackfillPolicy.multi_run(current().batch_size),
 )
 def image_to_model(context: AssetExecutionContext, config: ModelsRunConfig, storage: ImageStorage,
                    generator: GeneratorResource):
     from hy3d_pipeline.fleet.liveness import mark_run_process
-    from hy3d_pipeline.models.processing import process_object
+    from hy3d_pipeline.models.processing import Fetched, LocalCopies, existing_for_checks, fetch, process_object
 
     mark_run_process(context)
     selected = context.selected_asset_keys
@@ -249,85 +201,84 @@ def image_to_model(context: AssetExecutionContext, config: ModelsRunConfig, stor
         context.log.info(f"step retry {context.retry_number}: {len(done)} image(s) already done in this run, "
                          "not redone")
     todo = [k for k in keys if k not in done]
-    attempts, first_delay = image_attempts(), image_retry_delay()
+    attempts, first_delay = current().image_attempts, current().image_retry_delay
 
-    pool = ThreadPoolExecutor(max_workers=PREFETCH, thread_name_prefix="hy3d-fetch")
-    futures: dict[str, Future] = {}
+    with LocalCopies(storage) as copies:
+        pool = ThreadPoolExecutor(max_workers=PREFETCH, thread_name_prefix="hy3d-fetch")
+        futures: dict[str, Future] = {}
 
-    def ahead(i: int) -> None:
-        for k in todo[i:i + PREFETCH + 1]:
-            if k not in futures:
-                futures[k] = pool.submit(_fetch, storage, k, want_local, LOCAL in selected)
+        def get(key: str) -> Fetched:
+            return fetch(storage, copies, relative_key_for(key), download=want_local, verify=LOCAL in selected)
 
-    try:
-        for i, key in enumerate(todo):
-            ahead(i)
-            emitted: dict[AssetKey, str] = {}  # asset -> ETag recorded, so a retry records a version only once
-            for attempt in range(attempts):
-                path = None
-                try:
-                    # a retry fetches afresh (HEAD too): the fault may have been the object changing
-                    info, path, verified, timer, error = (futures.pop(key).result() if attempt == 0 else
-                                                          _fetch(storage, key, want_local, LOCAL in selected))
-                    if SOURCE in selected and emitted.get(SOURCE) != info.etag:
-                        emitted[SOURCE] = info.etag
-                        yield AssetMaterialization(asset_key=SOURCE, partition=key, metadata=_source_metadata(info),
-                                                   tags={DATA_VERSION_TAG: info.etag})
-                    if error is not None:
-                        raise error
-                    if LOCAL in selected and emitted.get(LOCAL) != info.etag:
-                        emitted[LOCAL] = info.etag
-                        yield AssetMaterialization(asset_key=LOCAL, partition=key, metadata={
-                            "path": MetadataValue.path(str(path)), "host": host, "etag": info.etag, "size": info.size,
-                            **(verified or {}),
-                        })
-                    if MODELS in selected:
-                        outcome = process_object(storage, info, key, settings, timer, local_path=path)
-                        path = None  # process_object owns the local copy now
-                        if outcome.superseded:
-                            # not a failure (a retry would only be superseded again) and not a materialization (the
-                            # model in S3 is the newer version's): an observation says what happened to this one
-                            context.log.warning(f"image {key!r}: {outcome.superseded}")
-                            yield AssetObservation(asset_key=MODELS, partition=key, metadata={
-                                "superseded": True, "message": outcome.superseded, "source_etag": info.etag,
-                                "current_source_etag": outcome.current_source_etag,
-                                "model_url": MetadataValue.text(outcome.model_url), **outcome.worker})
-                        else:
-                            yield AssetMaterialization(asset_key=MODELS, partition=key,
-                                                       metadata=_model_metadata(outcome, info, settings))
+        try:
+            for i, key in enumerate(todo):
+                for k in todo[i:i + PREFETCH + 1]:  # the next images download while this one generates
+                    if k not in futures:
+                        futures[k] = pool.submit(get, k)
+                emitted: dict[AssetKey, str] = {}  # asset -> ETag recorded, so a retry records a version only once
+                for attempt in range(attempts):
+                    path = None
+                    try:
+                        # a retry fetches afresh (HEAD too): the fault may have been the object changing
+                        got = futures.pop(key).result() if attempt == 0 else get(key)
+                        info, path = got.info, got.path
+                        if SOURCE in selected and emitted.get(SOURCE) != info.etag:
+                            emitted[SOURCE] = info.etag
+                            yield AssetMaterialization(asset_key=SOURCE, partition=key,
+                                                       metadata=_source_metadata(info),
+                                                       tags={DATA_VERSION_TAG: info.etag})
+                        if got.error is not None:
+                            raise got.error
+                        if LOCAL in selected and emitted.get(LOCAL) != info.etag:
+                            emitted[LOCAL] = info.etag
+                            yield AssetMaterialization(asset_key=LOCAL, partition=key, metadata={
+                                **_inline(got.preview, "thumbnail"), "path": MetadataValue.path(str(path)),
+                                "host": host, "etag": info.etag, "size": info.size, **(got.facts or {}),
+                            })
+                        if MODELS in selected:
+                            outcome = process_object(storage, info, key, settings, got.timer, local_path=path,
+                                                     copies=copies)
+                            if outcome.superseded:
+                                # not a failure (a retry would only be superseded again) and not a materialization
+                                # (the model in S3 is the newer version's): an observation says what happened
+                                context.log.warning(f"image {key!r}: {outcome.superseded}")
+                                yield AssetObservation(asset_key=MODELS, partition=key, metadata={
+                                    "superseded": True, "message": outcome.superseded, "source_etag": info.etag,
+                                    "current_source_etag": outcome.current_source_etag,
+                                    "model_url": MetadataValue.text(outcome.model_url), **outcome.worker})
+                            else:
+                                yield AssetMaterialization(asset_key=MODELS, partition=key,
+                                                           metadata=_model_metadata(outcome, info, settings))
+                                yield from _check_evaluations(context, key, outcome, settings.max_faces, checks)
+                        elif checks:  # the checks alone (the UI's "Execute checks"): judge the model there is
+                            outcome = existing_for_checks(storage, info, settings, got.timer, path, copies)
                             yield from _check_evaluations(context, key, outcome, settings.max_faces, checks)
-                    elif checks:  # the checks alone (the UI's "Execute checks"): judge the model there is, make none
-                        outcome = _existing_for_checks(storage, info, settings, timer, path)
-                        yield from _check_evaluations(context, key, outcome, settings.max_faces, checks)
-                    failures.pop(key, None)
-                except S3AccessError as exc:
-                    failures[key] = (str(exc), exc.transient)
-                except (GenerationError, ValueError) as exc:  # ImageRejected is a ValueError
-                    failures[key] = (str(exc), False)
-                except Exception as exc:  # noqa: BLE001 - one image's surprise must not cost the others theirs
-                    failures[key] = (f"{type(exc).__name__}: {exc}", False)
-                finally:
-                    # a copy stays only when `local_images` was materialized for inspection and nothing used it up
-                    if path is not None and (MODELS in selected or LOCAL not in selected):
-                        storage.discard_local(path)
-                if key not in failures or not failures[key][1] or attempt + 1 == attempts:
-                    break
-                # transient: this image alone is tried again, the good ones of the batch are not redone
-                delay = first_delay * 2 ** attempt
-                context.log.warning(f"image {key!r} failed (attempt {attempt + 1} of {attempts}), "
-                                    f"retrying in {delay:g} s: {failures[key][0]}")
-                time.sleep(delay)
-            if key in failures:
-                context.log.error(f"image {key!r} failed: {failures[key][0]}")
-    finally:
-        # on any exit (a raise, a terminated run): prefetched copies nothing will consume are deleted here, not
-        # left for a later sweep; a download in flight is waited for (bounded by S3_DOWNLOAD_TIMEOUT)
-        for future in futures.values():
-            future.cancel()
-        pool.shutdown(wait=True)
-        for future in futures.values():
-            if not future.cancelled() and future.exception() is None and future.result()[1] is not None:
-                storage.discard_local(future.result()[1])
+                        failures.pop(key, None)
+                    except StorageError as exc:
+                        failures[key] = (str(exc), exc.transient)
+                    except (GenerationError, ValueError) as exc:  # ImageRejected is a ValueError
+                        failures[key] = (str(exc), False)
+                    except Exception as exc:  # noqa: BLE001 - one image's surprise must not cost the others theirs
+                        failures[key] = (f"{type(exc).__name__}: {exc}", False)
+                    finally:
+                        # a copy stays only when `local_images` was materialized for inspection, nothing used it up
+                        if MODELS in selected or LOCAL not in selected:
+                            copies.release(path)
+                        else:
+                            copies.keep(path)
+                    if key not in failures or not failures[key][1] or attempt + 1 == attempts:
+                        break
+                    # transient: this image alone is tried again, the good ones of the batch are not redone
+                    delay = first_delay * 2 ** attempt
+                    context.log.warning(f"image {key!r} failed (attempt {attempt + 1} of {attempts}), "
+                                        f"retrying in {delay:g} s: {failures[key][0]}")
+                    time.sleep(delay)
+                if key in failures:
+                    context.log.error(f"image {key!r} failed: {failures[key][0]}")
+        finally:
+            # a terminated run or a raise: downloads not started are cancelled, one in flight is waited for (bounded
+            # by S3_DOWNLOAD_TIMEOUT); LocalCopies then deletes every copy nothing consumed
+            pool.shutdown(wait=True, cancel_futures=True)
 
     # one output per selected check, as Dagster expects of a step with checks; the evaluations above carry the results
     names = {spec.key: name for name, spec in context.assets_def.check_specs_by_output_name.items()}

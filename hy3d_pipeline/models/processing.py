@@ -1,8 +1,10 @@
-"""One image through the whole chain: fetch, verify, generate, measure, picture, export, upload.
+"""One image through the whole chain, top to bottom: fetch, verify, prepare, generate, measure, export, upload.
 
-The asset, the seed API and the benchmark's plain-loop baseline all call these functions, so the product and
-its baseline do exactly the same work. Heavy imports (PIL, trimesh, the backend) happen inside, never at
-package import.
+`fetch` (HEAD, verified download, the input's facts) and `process_object` (everything after) are the whole life
+of one image; the asset's step is a loop over them, and the seed API and the benchmark's plain-loop baseline
+call the same functions, so the product and its baseline do exactly the same work. `LocalCopies` owns the
+temporary files: every local copy made for a step or a call is deleted by it, whatever way the scope ends.
+Heavy imports (PIL, trimesh, the backend) happen inside, never at package import.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -17,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from hy3d_pipeline.models.generators.base import GenerationError, GenerationSettings, load_generator, worker_identity
-from hy3d_pipeline.s3.errors import S3AccessError
-from hy3d_pipeline.s3.resources import ImageStorage, ObjectInfo
+from hy3d_pipeline.storage.base import StorageError
+from hy3d_pipeline.storage.resources import ImageStorage, ObjectInfo
 
 MODEL_CONTENT_TYPES = {
     "glb": "model/gltf-binary",
@@ -34,6 +37,47 @@ META_SETTINGS = "hy3d-settings"
 META_GENERATOR = "hy3d-generator"
 META_STATS = "hy3d-stats"
 MEASURED_NOW, MEASURED_AT_GENERATION = "now", "at generation"
+
+
+class LocalCopies:
+    """The local copies of images one step (or one seed-API call) makes, and their deletion, in one place.
+
+    A copy is deleted when it is released; whatever is still held when the scope closes (the step raised, the
+    run was terminated, images were prefetched that the step never reached) is deleted then, unless it was kept
+    on purpose (`local_images` alone keeps its copy for inspection). Nothing is deleted with
+    S3_CLEANUP_TEMP_FILES off. What a killed process leaves behind is swept by the next step
+    (ImageStorage.sweep_temp). Thread-safe: prefetch threads fetch while the step releases."""
+
+    def __init__(self, storage: ImageStorage) -> None:
+        self.storage = storage
+        self._held: set[Path] = set()
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> "LocalCopies":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            held, self._held = self._held, set()
+        for path in held:
+            self.storage.discard_local(path)
+
+    def fetch(self, info: ObjectInfo) -> Path:
+        path = self.storage.download(info)
+        with self._lock:
+            self._held.add(path)
+        return path
+
+    def release(self, path: Path | None) -> None:
+        if path is None:
+            return
+        with self._lock:
+            self._held.discard(path)
+        self.storage.discard_local(path)
+
+    def keep(self, path: Path | None) -> None:
+        with self._lock:
+            self._held.discard(path)
 
 
 class Timer:
@@ -94,7 +138,7 @@ def existing_model(storage: ImageStorage, model_key: str, source: ObjectInfo, se
     head = storage.head_or_none(storage.models_bucket_name, model_key, forbidden_is_absent=True)
     if not head:
         return None
-    meta = head.get("Metadata", {})
+    meta = head.metadata
     if meta.get(META_SOURCE_ETAG) != source.etag or meta.get(META_SETTINGS) != settings.fingerprint():
         return None
     stats = json.loads(meta.get(META_STATS) or "{}")
@@ -106,7 +150,7 @@ def existing_model(storage: ImageStorage, model_key: str, source: ObjectInfo, se
         worker=stats.get("worker") or {},
         model_url=f"s3://{storage.models_bucket_name}/{model_key}", model_key=model_key, skipped=True,
         stats={k: mesh[k] for k in ("vertices", "faces", "watertight") if k in mesh}, backend=meta.get(META_GENERATOR, ""),
-        foreground_method=stats.get("foreground_method", ""), file_size=int(head.get("ContentLength", 0)),
+        foreground_method=stats.get("foreground_method", ""), file_size=head.size,
         figures=mesh, measured=MEASURED_AT_GENERATION,
     )
 
@@ -118,6 +162,48 @@ def seed_key_for(storage: ImageStorage, bucket: str, key: str) -> str:
     if bucket == storage.images_bucket and key.startswith(storage.images_prefix):
         return storage.relative_key(key)
     return key
+
+
+@dataclass
+class Fetched:
+    """One image fetched for a step: its version, and the local copy with its facts when they were asked for.
+    A failure after the HEAD is carried, not raised, so the object itself is still recorded as a source image."""
+
+    info: ObjectInfo
+    timer: Timer
+    path: Path | None = None
+    facts: dict[str, Any] | None = None  # verify_image's (format, size, mode)
+    preview: Any = None  # the input's picture (PIL), for metadata
+    error: BaseException | None = None
+
+
+def fetch(storage: ImageStorage, copies: LocalCopies, relative_key: str, *, download: bool,
+          verify: bool) -> Fetched:
+    """HEAD, then (`download`) the verified local copy, then (`verify`) its facts and preview. Runs in the step's
+    prefetch threads, so the next image downloads while the current one generates."""
+    timer = Timer()
+    with timer.stage("head"):
+        info = storage.head(storage.images_bucket, storage.image_key(relative_key))
+    fetched = Fetched(info, timer)
+    try:
+        if download:
+            with timer.stage("download"):
+                fetched.path = copies.fetch(info)
+            if verify:
+                from hy3d_pipeline.images.validation import verify_image
+                from hy3d_pipeline.models.thumbnails import image_preview
+
+                with timer.stage("verify"):
+                    fetched.facts = verify_image(fetched.path, info.url)
+                with timer.stage("preview"):
+                    try:
+                        fetched.preview = image_preview(fetched.path)
+                    except Exception:  # noqa: BLE001 - a verified image without a preview is still good
+                        pass
+    except Exception as exc:  # noqa: BLE001 - re-raised by the step, after the source is recorded
+        copies.release(fetched.path)
+        fetched.path, fetched.error = None, exc
+    return fetched
 
 
 def generate_mesh(path: Path, name: str, settings: GenerationSettings, seed_key: str, timer: Timer):
@@ -183,12 +269,12 @@ def upload_model(storage: ImageStorage, model_key: str, mesh, source: ObjectInfo
                 storage.upload(bucket, model_key, main_data, content_type=MODEL_CONTENT_TYPES[settings.output_format],
                                metadata=metadata, **condition)
                 break
-            except S3AccessError as exc:
+            except StorageError as exc:
                 if exc.code != "PreconditionFailed":
                     raise
                 # another run wrote the model since _claim looked: look again (it may be newer than ours)
         else:
-            raise S3AccessError(f"s3://{bucket}/{model_key} kept changing while this run wrote it "
+            raise StorageError(f"s3://{bucket}/{model_key} kept changing while this run wrote it "
                                 f"({WRITE_ATTEMPTS} attempts)", transient=True, code="PreconditionFailed")
     return ModelOutcome(
         settings_fingerprint=settings.fingerprint(), **_resolution(mesh),
@@ -224,9 +310,9 @@ def _claim(storage: ImageStorage, model_key: str, source: ObjectInfo) -> dict[st
     write: the version read is the last there was."""
     head = storage.head_or_none(storage.models_bucket_name, model_key)
     current = storage.head_or_none(source.bucket, source.key)
-    if current is not None and current["ETag"].strip('"') != source.etag:
-        raise Superseded(source, current["ETag"].strip('"'))
-    return {"if_match": head["ETag"]} if head else {"if_none_match": True}
+    if current is not None and current.etag != source.etag:
+        raise Superseded(source, current.etag)
+    return {"if_match": head.etag} if head else {"if_none_match": True}
 
 
 def _resolution(mesh) -> dict[str, int]:
@@ -246,7 +332,7 @@ def picture_of(mesh, notes: list[str]):
 
 
 def complete_existing(storage: ImageStorage, done: ModelOutcome, source: ObjectInfo, settings: GenerationSettings,
-                      local_path: Path | None, timer: Timer) -> ModelOutcome:
+                      local_path: Path | None, timer: Timer, copies: LocalCopies) -> ModelOutcome:
     """Pictures and check figures for a model that is not regenerated.
 
     Figures stored with the model are used as they are: they were measured on the same mesh and the same
@@ -275,15 +361,11 @@ def complete_existing(storage: ImageStorage, done: ModelOutcome, source: ObjectI
         from hy3d_pipeline.images.validation import prepare_image
         from hy3d_pipeline.models.checks import measure
 
-        path = local_path if local_path is not None and local_path.exists() else storage.download(source)
-        try:
-            with timer.stage("measure"):
-                prepared = prepare_image(path, source.url)
-                done.figures = measure(mesh, prepared.mask)
-                done.measured = MEASURED_NOW
-        finally:
-            if path != local_path:
-                storage.discard_local(path)
+        path = local_path if local_path is not None and local_path.exists() else copies.fetch(source)
+        with timer.stage("measure"):
+            prepared = prepare_image(path, source.url)
+            done.figures = measure(mesh, prepared.mask)
+            done.measured = MEASURED_NOW
     with timer.stage("thumbnail"):
         done.picture = picture_of(mesh, done.notes)
         if done.picture is not None:
@@ -315,50 +397,66 @@ def _load_model(storage: ImageStorage, model_key: str, output_format: str):
     return trimesh.load(io.BytesIO(body), file_type=output_format, force="mesh")
 
 
+def existing_for_checks(storage: ImageStorage, info: ObjectInfo, settings: GenerationSettings, timer: Timer,
+                        path: Path | None, copies: LocalCopies) -> ModelOutcome:
+    """The model there is, with its figures, for running the checks alone (which never generate one)."""
+    model_key = storage.model_key(storage.relative_key(info.key), settings.output_format)
+    done = existing_model(storage, model_key, info, settings)
+    if done is None:
+        raise GenerationError(f"{info.url}: no model made from this version of the image with these settings "
+                              f"at s3://{storage.models_bucket_name}/{model_key}; materialize models_3d first")
+    return complete_existing(storage, done, info, settings, path, timer, copies)
+
+
 def process_object(storage: ImageStorage, source: ObjectInfo, partition_key: str, settings: GenerationSettings,
-                   timer: Timer | None = None, local_path: Path | None = None) -> ModelOutcome:
+                   timer: Timer | None = None, local_path: Path | None = None,
+                   copies: LocalCopies | None = None) -> ModelOutcome:
     """Generate and upload the model for one source object, unless it already exists for this ETag and settings.
-    `partition_key` is kept for callers; the seed comes from the object key (`seed_key_for`)."""
+    `partition_key` is kept for callers; the seed comes from the object key (`seed_key_for`). The local copy
+    (`local_path`, or one fetched here) is released when this returns."""
+    if copies is None:
+        with LocalCopies(storage) as own:
+            return process_object(storage, source, partition_key, settings, timer, local_path, own)
     timer = timer or Timer()
     model_key = storage.model_key(storage.relative_key(source.key), settings.output_format)
-    with timer.stage("check_existing"):
-        done = existing_model(storage, model_key, source, settings)
-    if done:
-        try:
-            complete_existing(storage, done, source, settings, local_path, timer)
-        finally:
-            if local_path is not None:
-                storage.discard_local(local_path)
-        done.timings = dict(timer.seconds)
-        return done
-    path = local_path
-    if path is None or not path.exists():
-        with timer.stage("download"):
-            path = storage.download(source)
     try:
-        from hy3d_pipeline.models.checks import measure
-        from hy3d_pipeline.models.thumbnails import image_preview, png_bytes
-
-        mesh, prepared, generator = generate_mesh(path, source.url, settings,
-                                                  seed_key_for(storage, source.bucket, source.key), timer)
-        notes: list[str] = []
-        with timer.stage("measure"):
-            figures = measure(mesh, prepared.mask)
-        with timer.stage("thumbnail"):
-            picture = picture_of(mesh, notes)
-            preview = image_preview(prepared.rgba)
-        try:
-            outcome = upload_model(storage, model_key, mesh, source, settings_used(settings, mesh), generator.name,
-                                   prepared.foreground_method, timer, figures=figures,
-                                   thumbnail=png_bytes(picture) if picture is not None else None)
-        except Superseded as exc:
-            return ModelOutcome(model_url=f"s3://{storage.models_bucket_name}/{model_key}", model_key=model_key,
-                                skipped=False, stats={}, timings=dict(timer.seconds), backend=generator.name,
-                                superseded=str(exc), current_source_etag=exc.current_etag,
-                                worker=worker_identity())
-        outcome.picture, outcome.input_preview, outcome.notes = picture, preview, notes
-        # read right after the load that made this generator (generate_mesh), in the process that ran it
-        outcome.worker = worker_identity()
-        return outcome
+        with timer.stage("check_existing"):
+            done = existing_model(storage, model_key, source, settings)
+        if done:
+            complete_existing(storage, done, source, settings, local_path, timer, copies)
+            done.timings = dict(timer.seconds)
+            return done
+        if local_path is None or not local_path.exists():
+            with timer.stage("download"):
+                local_path = copies.fetch(source)
+        return _generate_and_upload(storage, source, settings, model_key, local_path, timer)
     finally:
-        storage.discard_local(path)
+        copies.release(local_path)
+
+
+def _generate_and_upload(storage: ImageStorage, source: ObjectInfo, settings: GenerationSettings, model_key: str,
+                         path: Path, timer: Timer) -> ModelOutcome:
+    from hy3d_pipeline.models.checks import measure
+    from hy3d_pipeline.models.thumbnails import image_preview, png_bytes
+
+    mesh, prepared, generator = generate_mesh(path, source.url, settings,
+                                              seed_key_for(storage, source.bucket, source.key), timer)
+    notes: list[str] = []
+    with timer.stage("measure"):
+        figures = measure(mesh, prepared.mask)
+    with timer.stage("thumbnail"):
+        picture = picture_of(mesh, notes)
+        preview = image_preview(prepared.rgba)
+    try:
+        outcome = upload_model(storage, model_key, mesh, source, settings_used(settings, mesh), generator.name,
+                               prepared.foreground_method, timer, figures=figures,
+                               thumbnail=png_bytes(picture) if picture is not None else None)
+    except Superseded as exc:
+        return ModelOutcome(model_url=f"s3://{storage.models_bucket_name}/{model_key}", model_key=model_key,
+                            skipped=False, stats={}, timings=dict(timer.seconds), backend=generator.name,
+                            superseded=str(exc), current_source_etag=exc.current_etag,
+                            worker=worker_identity())
+    outcome.picture, outcome.input_preview, outcome.notes = picture, preview, notes
+    # read right after the load that made this generator (generate_mesh), in the process that ran it
+    outcome.worker = worker_identity()
+    return outcome

@@ -1,59 +1,65 @@
-"""The generator resource: HY3D_* settings read once when the code location loads.
+"""The generator resource: the generation settings as Dagster resource config, shown in the UI.
 
 Only settings live here; the model itself is loaded lazily, in the run's process, by `load_generator`, so
-loading the code location (every sensor tick, the UI) never touches torch.
+loading the code location (every sensor tick, the UI) never touches torch. Its fields are the Settings fields
+named in GENERATION_FIELDS (types, defaults and variables declared once, in settings.py), with the choices
+of format and texture as enums so the launchpad offers them.
 """
 
 from __future__ import annotations
 
-import os
-from typing import Any
+import dataclasses
+import enum
+from typing import Any, get_args, get_origin, get_type_hints
 
 from dagster import ConfigurableResource
 from pydantic import Field
 
-from hy3d_pipeline.models.generators.base import GenerationSettings
-from hy3d_pipeline.s3.resources import env_flag
-
-_DEFAULTS = GenerationSettings()
+from hy3d_pipeline import settings as config
+from hy3d_pipeline.models.generators.base import GENERATION_FIELDS, GenerationSettings
 
 
-def _env(name: str, default: Any) -> Any:
-    raw = os.getenv(name)
-    if raw is None or raw.strip() == "":
-        return default
-    return type(default)(raw) if not isinstance(default, bool) else env_flag(name, default)
+def choice(literal: Any) -> Any:
+    """A Literal's choices as a str Enum: Dagster's config schema takes enums, not Literals."""
+    values = get_args(literal)
+    return enum.Enum(f"Choice_{'_'.join(v.replace('-', '_') for v in values)}", {v: v for v in values}, type=str)
 
 
-class GeneratorResource(ConfigurableResource):
-    generator: str = Field(default=_DEFAULTS.generator, description="HY3D_GENERATOR: hunyuan3d or extrude")
-    output_format: str = Field(default=_DEFAULTS.output_format, description="glb, obj, ply or stl (HY3D_OUTPUT_FORMAT)")
-    texture: str = Field(default=_DEFAULTS.texture, description="none, projected or paint (HY3D_TEXTURE)")
-    model_path: str = Field(default=_DEFAULTS.model_path, description="HY3D_MODEL_PATH")
-    model_subfolder: str = Field(default=_DEFAULTS.model_subfolder, description="HY3D_MODEL_SUBFOLDER")
-    device: str = Field(default=_DEFAULTS.device, description="HY3D_DEVICE: auto, cuda, cuda:N, cpu")
-    steps: int = _DEFAULTS.steps
-    octree_resolution: int = _DEFAULTS.octree_resolution
-    guidance_scale: float = _DEFAULTS.guidance_scale
-    num_chunks: int = _DEFAULTS.num_chunks
-    seed: int = _DEFAULTS.seed
-    max_faces: int = _DEFAULTS.max_faces
-    flashvdm: bool = _DEFAULTS.flashvdm
+def _dagster_type(kind: Any) -> Any:
+    return choice(kind) if get_origin(kind) is not None and get_args(kind) and all(
+        isinstance(a, str) for a in get_args(kind)) else kind
 
+
+def _plain(value: Any) -> Any:
+    return value.value if isinstance(value, enum.Enum) else value
+
+
+class _GeneratorMethods:
     @classmethod
     def from_env(cls, **overrides: Any) -> "GeneratorResource":
-        names = {
-            "generator": "HY3D_GENERATOR", "output_format": "HY3D_OUTPUT_FORMAT", "texture": "HY3D_TEXTURE",
-            "model_path": "HY3D_MODEL_PATH", "model_subfolder": "HY3D_MODEL_SUBFOLDER", "device": "HY3D_DEVICE",
-            "steps": "HY3D_STEPS", "octree_resolution": "HY3D_OCTREE_RESOLUTION",
-            "guidance_scale": "HY3D_GUIDANCE_SCALE", "num_chunks": "HY3D_NUM_CHUNKS", "seed": "HY3D_SEED",
-            "max_faces": "HY3D_MAX_FACES", "flashvdm": "HY3D_FLASHVDM",
-        }
-        values = {field: _env(env, getattr(_DEFAULTS, field)) for field, env in names.items()}
+        """From the environment's settings (settings.current()), with `overrides` applied."""
+        values = {name: getattr(config.current(), name) for name in GENERATION_FIELDS}
         values.update(overrides)
         return cls(**values)
 
     def settings(self, **overrides: Any) -> GenerationSettings:
-        values = {name: getattr(self, name) for name in GenerationSettings.__dataclass_fields__}
-        values.update({k: v for k, v in overrides.items() if v is not None})
+        values = {name: _plain(getattr(self, name)) for name in GENERATION_FIELDS}
+        values.update({k: _plain(v) for k, v in overrides.items() if v is not None})
         return GenerationSettings(**values)
+
+
+def _resource_namespace() -> dict[str, Any]:
+    hints = get_type_hints(config.Settings)
+    fields = {f.name: f for f in dataclasses.fields(config.Settings)}
+    namespace: dict[str, Any] = {"__module__": __name__, "__annotations__": {}, "__doc__": __doc__}
+    for name in GENERATION_FIELDS:
+        kind = _dagster_type(hints[name])
+        meta = fields[name].metadata
+        namespace["__annotations__"][name] = kind
+        default = kind(fields[name].default) if isinstance(kind, type) and issubclass(kind, enum.Enum) else fields[name].default
+        namespace[name] = Field(default=default, description=f"{meta['env']}: {meta['help']}")
+    return namespace
+
+
+# built from the Settings fields rather than written out a third time (they had drifted apart)
+GeneratorResource = type("GeneratorResource", (_GeneratorMethods, ConfigurableResource), _resource_namespace())

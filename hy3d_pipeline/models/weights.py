@@ -51,7 +51,7 @@ def _url_download(url: str, dest: Path, timeout: float = 60.0) -> None:
 
 def fetch_weights(settings: GenerationSettings, *, rembg: bool = True, out=print) -> list[Path]:
     """Download what `settings` needs that is not already present; returns the folders/files now in place."""
-    from hy3d_pipeline.models.generators.background import REMBG_MODEL_URL, rembg_model_path
+    from hy3d_pipeline.images.foreground import REMBG_MODEL_URL, rembg_model_path
     from hy3d_pipeline.models.generators.hunyuan3d import TURBO_VAES, find_weights, local_model_dir
 
     wanted = [(settings.model_path, settings.model_subfolder)]

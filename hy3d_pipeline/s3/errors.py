@@ -1,4 +1,4 @@
-"""Turn boto errors into one exception type whose message names the object and says what to do.
+"""Turn boto errors into one exception type (a StorageError) whose message names the object and says what to do.
 
 The Dagster retry policy and the seed API both need to know whether a failure is transient (worth a retry) or
 a fact about the object (missing, forbidden): `S3AccessError.transient` carries that.
@@ -6,15 +6,11 @@ a fact about the object (missing, forbidden): `S3AccessError.transient` carries 
 
 from __future__ import annotations
 
-from hy3d_pipeline.s3.redact import redact
+from hy3d_pipeline.storage.base import StorageError
 
 
-class S3AccessError(Exception):
-    def __init__(self, message: str, *, transient: bool = False, code: str = "") -> None:
-        # scrubbed here, once for every path: messages quote foreign exceptions, and those quote signed URLs
-        super().__init__(redact(message))
-        self.transient = transient
-        self.code = code
+class S3AccessError(StorageError):
+    """A failed S3 operation (its message redacted, `transient` and `code` as for any StorageError)."""
 
 
 def _where(bucket: str, key: str | None) -> str:

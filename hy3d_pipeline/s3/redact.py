@@ -7,18 +7,15 @@ message built from a foreign exception, and every URL we sign or are handed, goe
 
 from __future__ import annotations
 
-import os
-
 from hy3d_pipeline.s3.urls import SIGNED_QUERY_REDACTED as REDACTED, scrub_signed_queries
-
-_ENV_SECRETS = ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN")
+from hy3d_pipeline.settings import secret_values
 
 
 def redact(text: str, *secrets: str | None) -> str:
     """`text` without signed query strings and without any literal of the current AWS credentials (or of the
     extra `secrets` given)."""
     text = scrub_signed_queries(str(text))
-    for value in (*(os.getenv(name) for name in _ENV_SECRETS), *secrets):
+    for value in (*secret_values(), *secrets):
         # very short values would blank out ordinary words; real keys are 16+ characters
         if value and len(value) >= 8:
             text = text.replace(value, "<redacted>")

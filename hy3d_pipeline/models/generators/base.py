@@ -16,39 +16,26 @@ import importlib
 import json
 import threading
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, get_type_hints
 
-if TYPE_CHECKING:  # keep `import hy3d_pipeline` light: numpy/PIL/trimesh only when a backend runs
-    import numpy as np
+if TYPE_CHECKING:  # keep `import hy3d_pipeline` light: trimesh only when a backend runs
     import trimesh
-    from PIL import Image
 
-OUTPUT_FORMATS = ("glb", "obj", "ply", "stl")
-TEXTURE_MODES = ("none", "projected", "paint")
+from hy3d_pipeline.images.prepared import PreparedImage
+from hy3d_pipeline.settings import OUTPUT_FORMATS, TEXTURE_MODES, Settings
+
+# the settings that decide what mesh comes out: their types and defaults are the Settings fields of these names
+GENERATION_FIELDS = ("generator", "output_format", "texture", "model_path", "model_subfolder", "device", "steps",
+                     "octree_resolution", "guidance_scale", "num_chunks", "seed", "max_faces", "flashvdm")
 
 
 class GenerationError(Exception):
     """A generation failed for one image; the message names the image and the problem."""
 
 
-@dataclasses.dataclass(frozen=True)
-class GenerationSettings:
+class _Generation:
     """Everything that decides what mesh comes out. Its `fingerprint` keys idempotence: a model that exists
     for the same source ETag and fingerprint is never generated again."""
-
-    generator: str = "hunyuan3d"
-    output_format: str = "glb"
-    texture: str = "none"  # none | projected | paint (with_texture=True means paint)
-    model_path: str = "tencent/Hunyuan3D-2"
-    model_subfolder: str = "hunyuan3d-dit-v2-0"
-    device: str = "auto"
-    steps: int = 30
-    octree_resolution: int = 256
-    guidance_scale: float = 5.0
-    num_chunks: int = 8000
-    seed: int = 1234
-    max_faces: int = 40000
-    flashvdm: bool = False
 
     def __post_init__(self) -> None:
         if self.output_format not in OUTPUT_FORMATS:
@@ -57,6 +44,12 @@ class GenerationSettings:
             )
         if self.texture not in TEXTURE_MODES:
             raise ValueError(f"texture mode {self.texture!r} is not supported; use one of {', '.join(TEXTURE_MODES)}")
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **overrides: Any) -> "GenerationSettings":
+        values = {name: getattr(settings, name) for name in GENERATION_FIELDS}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
 
     def fingerprint(self) -> str:
         """Short stable hash of the settings that change the output (device does not)."""
@@ -69,14 +62,17 @@ class GenerationSettings:
         return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
 
 
-@dataclasses.dataclass
-class PreparedImage:
-    """A verified, normalised input: RGBA 8-bit, EXIF orientation applied, with its foreground mask."""
+def _generation_fields() -> list[tuple[str, Any, Any]]:
+    hints = get_type_hints(Settings)
+    defaults = {f.name: f.default for f in dataclasses.fields(Settings)}
+    return [(name, hints[name], dataclasses.field(default=defaults[name])) for name in GENERATION_FIELDS]
 
-    name: str  # what error messages call this input (S3 URL or local path)
-    rgba: "Image.Image"
-    mask: "np.ndarray"  # bool, H x W, True on the foreground
-    foreground_method: str  # "alpha" | "uniform-background" | "rembg"
+
+# fields declared once, in Settings (types, defaults, environment variables): written out again here they drifted
+GenerationSettings = dataclasses.make_dataclass("GenerationSettings", _generation_fields(), bases=(_Generation,),
+                                                frozen=True, namespace={"__module__": __name__})
+
+
 
 
 class Generator(ABC):

@@ -27,13 +27,13 @@ from hy3d_pipeline.models.generators.base import (
     Generator,
     PreparedImage,
 )
+from hy3d_pipeline.settings import current
 
 if TYPE_CHECKING:
     import trimesh
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODELS_ROOT = "~/.cache/hy3dgen"  # hy3dgen's own default when HY3DGEN_MODELS is unset
 FETCH_HINT = "run `hy3d-pipeline fetch-weights` or set HY3DGEN_MODELS to the folder that holds the weights"
 
 # (file name, use_safetensors, variant) in the order they are tried; hy3dgen builds the name as
@@ -60,7 +60,7 @@ MIN_RETRY_OCTREE_RESOLUTION = 128
 
 
 def models_root() -> str:
-    return os.environ.get("HY3DGEN_MODELS", DEFAULT_MODELS_ROOT)
+    return current().models_root
 
 
 def local_model_dir(model_path: str, subfolder: str) -> Path:
