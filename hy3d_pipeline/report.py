@@ -90,7 +90,7 @@ def collect(instance, storage, partitions: Iterable[str]) -> list[Entry]:
     from dagster._core.event_api import PartitionKeyFilter
 
     from hy3d_pipeline.images.partitions import relative_key_for
-    from hy3d_pipeline.models.assets import LOCAL, MODELS
+    from hy3d_pipeline.images.partitions import LOCAL, MODELS
     from hy3d_pipeline.models.checks import CHECKS
 
     partitions = list(partitions)
@@ -145,6 +145,8 @@ def failed_partitions(instance, wanted: set[str]) -> dict[str, tuple[int, str, f
     `failed_partitions` metadata that the asset's `Failure` carries, in failed runs, newest run first."""
     from dagster import DagsterEventType, DagsterRunStatus, RunsFilter
 
+    from hy3d_pipeline.models.assets import step_failures
+
     found: dict[str, tuple[int, str, float, str]] = {}
     cursor = None
     while len(found) < len(wanted):
@@ -154,11 +156,8 @@ def failed_partitions(instance, wanted: set[str]) -> dict[str, tuple[int, str, f
             for record in reversed(records):  # a run's last attempt speaks for it
                 event = record.event_log_entry.dagster_event
                 data = event.step_failure_data if event is not None else None
-                user = data.user_failure_data if data is not None else None
-                failed = user.metadata.get("failed_partitions") if user is not None else None
-                if failed is None or not isinstance(failed.value, dict):
-                    continue
-                for partition, message in failed.value.items():
+                failed = step_failures(data.user_failure_data) if data is not None else None
+                for partition, message in (failed or {}).items():
                     if partition in wanted and partition not in found:
                         found[partition] = (record.storage_id, str(message), record.timestamp, run.run_id)
         if len(runs) < _FAILURE_PAGE:

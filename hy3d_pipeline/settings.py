@@ -16,6 +16,7 @@ import os
 import re
 import tempfile
 import threading
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
@@ -125,8 +126,8 @@ class Settings:
     retry_backoff_seconds: float | None = _var("HY3D_RETRY_BACKOFF_SECONDS", None, "wait before an image of a "
                                                "failed run is requested again (doubling)", section="sensor",
                                                minimum=0, default_doc="the sensor interval")
-    reconcile_seconds: float = _var("HY3D_RECONCILE_SECONDS", 3600.0, "event mode: a full listing this often",
-                                    section="sensor", minimum=1)
+    reconcile_seconds: float = _var("HY3D_RECONCILE_SECONDS", 3600.0, "event mode: a full listing this often "
+                                    "(0: every tick)", section="sensor", minimum=0)
     sqs_visibility_seconds: int | None = _var("HY3D_SQS_VISIBILITY_SECONDS", None, "event mode: how long "
                                               "received messages stay hidden", section="sensor", minimum=1,
                                               default_doc="max(60, 4 × sensor interval)")
@@ -225,7 +226,7 @@ class Settings:
 
 
 def _parse(raw: str, kind: Any, meta: dict[str, Any]) -> Any:
-    if get_origin(kind) is Union:  # `int | None`: None only by leaving the variable unset
+    if get_origin(kind) in (Union, types.UnionType):  # `int | None`: None only by leaving the variable unset
         kind = next(a for a in get_args(kind) if a is not type(None))
     if get_origin(kind) is Literal:
         choices = get_args(kind)
@@ -302,7 +303,7 @@ def markdown_table() -> str:
 
 
 def _accepts(kind: Any, meta: dict[str, Any]) -> str:
-    if get_origin(kind) is Union:
+    if get_origin(kind) in (Union, types.UnionType):
         kind = next(a for a in get_args(kind) if a is not type(None))
     if get_origin(kind) is Literal:
         return ", ".join(f"`{c}`" for c in get_args(kind))

@@ -118,7 +118,7 @@ class Ticker:
 
     def requested(self, data) -> list[str]:
         """Every partition key the tick's run requests cover, expanding ranges."""
-        from hy3d_pipeline.images.planner import RANGE_END_TAG, RANGE_START_TAG
+        from hy3d_pipeline.images.partitions import RANGE_END_TAG, RANGE_START_TAG
 
         order = self.instance.get_dynamic_partitions("images")
         keys = []

@@ -12,6 +12,8 @@ import sys
 
 import numpy as np
 import pytest
+
+from hy3d_pipeline.images.prepared import ImageRejected
 from PIL import Image, ImageDraw
 
 from hy3d_pipeline.models.generators import base
@@ -223,10 +225,11 @@ def test_rembg_without_model_file_names_the_file(tmp_path, monkeypatch):
     monkeypatch.setenv("HY3D_REMBG_MODEL", str(missing))
     rembg_was_imported = "rembg" in sys.modules
     photo = Image.new("RGBA", (32, 32), (10, 200, 30, 255))
-    with pytest.raises(GenerationError) as info:
+    with pytest.raises(ImageRejected) as info:
         remove_background(photo, "s3://inputs/photo.jpg")
     message = str(info.value)
     assert str(missing) in message and "HY3D_REMBG_MODEL" in message and "s3://inputs/photo.jpg" in message
+    assert "hy3d-pipeline fetch-weights" in message and message.count("no alpha channel") == 1
     # the ~30 s rembg import is only paid when there is a model to run
     assert ("rembg" in sys.modules) == rembg_was_imported
 

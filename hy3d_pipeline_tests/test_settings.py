@@ -101,3 +101,11 @@ def test_generator_resource_and_launchpad_come_from_the_settings():
 def test_an_empty_models_prefix_is_a_value_and_empty_numbers_are_unset():
     assert Settings.from_env({"S3_MODELS_PREFIX": ""}).models_prefix == ""
     assert Settings.from_env({"HY3D_BATCH_SIZE": "", "HY3D_GENERATOR": ""}).batch_size == 8
+
+
+def test_optional_numbers_are_numbers():
+    s = Settings.from_env({"HY3D_SQS_VISIBILITY_SECONDS": "2", "HY3D_MAX_CONCURRENT_RUNS": "3",
+                           "HY3D_RETRY_BACKOFF_SECONDS": "1.5"})
+    assert (s.sqs_visibility(), s.run_limit, s.retry_backoff) == (2, 3, 1.5)
+    with pytest.raises(SettingsError, match="HY3D_SQS_VISIBILITY_SECONDS='x': expected a whole number"):
+        Settings.from_env({"HY3D_SQS_VISIBILITY_SECONDS": "x"})

@@ -52,3 +52,24 @@ def test_cli_exit_code(offline):
     result = subprocess.run([sys.executable, "-m", "hy3d_pipeline.cli", "fetch-weights", "--no-rembg"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and "fetch-weights failed" in result.stderr and "Hunyuan3D-2" in result.stderr
+
+
+def test_present_paint_weights_are_not_fetched_again(offline):
+    """Paint and delight are diffusers pipelines (model_index.json, no config.yaml): present ones count as
+    present for fetch-weights exactly as for the backend (offline, any download attempt would raise)."""
+    from hy3d_pipeline.models.generators.hunyuan3d import PAINT_SUBFOLDERS, local_model_dir, weights_present
+
+    build_tiny_model(offline / "models", model_path="tiny/Hunyuan3D-tiny", subfolder="hunyuan3d-dit-v2-0")
+    for sub in PAINT_SUBFOLDERS:
+        folder = local_model_dir("tiny/Hunyuan3D-tiny", sub)
+        folder.mkdir(parents=True)
+        (folder / "model_index.json").write_text("{}")
+    settings = GenerationSettings(model_path="tiny/Hunyuan3D-tiny", model_subfolder="hunyuan3d-dit-v2-0",
+                                  texture="paint")
+    said = []
+    fetch_weights(settings, rembg=False, out=said.append)
+    assert len(said) == 3 and all(line.startswith("already present") for line in said), said
+    (local_model_dir("tiny/Hunyuan3D-tiny", PAINT_SUBFOLDERS[0]) / "model_index.json").unlink()
+    assert not weights_present("tiny/Hunyuan3D-tiny", PAINT_SUBFOLDERS[0])
+    with pytest.raises(WeightsError, match=PAINT_SUBFOLDERS[0]):
+        fetch_weights(settings, rembg=False, out=said.append)

@@ -35,7 +35,8 @@ def execute_sensor_result(defs, instance, result, log_level: str = "WARNING") ->
     """Apply a sensor's result like the daemon: partitions first, then each run request, in-process.
     Returns (runs executed, failure message per partition key)."""
     from hy3d_pipeline.fleet.liveness import in_process_tags
-    from hy3d_pipeline.models.assets import image_to_model
+    from hy3d_pipeline.images.partitions import RANGE_START_TAG
+    from hy3d_pipeline.models.assets import image_to_model, step_failures
 
     apply_sensor_records(instance, result)
     failures: dict[str, str] = {}
@@ -46,12 +47,11 @@ def execute_sensor_result(defs, instance, result, log_level: str = "WARNING") ->
             run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
         )
         for event in outcome.get_step_failure_events():
-            error = event.step_failure_data.user_failure_data
-            failed = error.metadata.get("failed_partitions") if error else None
+            failed = step_failures(event.step_failure_data.user_failure_data)
             if failed is not None:
-                failures.update(failed.value)
+                failures.update(failed)
             else:
-                failures[request.partition_key or request.tags.get("dagster/asset_partition_range_start", "?")] = str(
+                failures[request.partition_key or request.tags.get(RANGE_START_TAG, "?")] = str(
                     event.step_failure_data.error.message if event.step_failure_data.error else "run failed")
     return len(result.run_requests or []), failures
 

@@ -62,10 +62,6 @@ def _session(path: Path) -> Any:
         return session
 
 
-class _RembgError(Exception):
-    pass
-
-
 def find_foreground(rgba: Image.Image, name: str) -> tuple[Image.Image, np.ndarray, str]:
     """(the image with its background transparent, the foreground mask, the method used), or ImageRejected."""
     pixels = np.asarray(rgba)
@@ -77,11 +73,7 @@ def find_foreground(rgba: Image.Image, name: str) -> tuple[Image.Image, np.ndarr
     else:
         mask = mask_from_plain_background(pixels[..., :3])
         if mask is None:
-            try:
-                rgba = remove_background(rgba, name)[0]
-            except _RembgError as exc:
-                raise ImageRejected(name, "image has no transparency and no plain background to cut the object "
-                                    f"from; {str(exc).removeprefix(name + ': ')}") from exc
+            rgba = remove_background(rgba, name)[0]
             mask, method = np.asarray(rgba)[..., 3] > 127, "rembg"
         else:
             method = "uniform-background"
@@ -100,17 +92,16 @@ def remove_background(rgba: "Image.Image", name: str) -> tuple["Image.Image", st
     """
     path = rembg_model_path()
     if not path.is_file():
-        raise _RembgError(
-            f"{name}: the image has no alpha channel and no plain background, so its background has to be removed "
-            f"with rembg, but the rembg model file {path} does not exist. Put u2net.onnx there ({REMBG_MODEL_URL}) "
-            "or set HY3D_REMBG_MODEL to a local copy; nothing is downloaded at run time. Alternatively upload the "
+        raise ImageRejected(name, f"the image has no alpha channel and no plain background, so its background has to be removed "
+            f"with rembg, but the rembg model file {path} does not exist. Run `hy3d-pipeline fetch-weights` "
+            f"where the internet is reachable (it downloads {REMBG_MODEL_URL} there), or set HY3D_REMBG_MODEL to a "
+            "local copy; nothing is downloaded at run time. Alternatively upload the "
             "image with a transparent or plain background."
         )
     try:
         session = _session(path)
     except Exception as exc:
-        raise _RembgError(
-            f"{name}: the rembg model file {path} could not be loaded ({type(exc).__name__}: {exc}); "
+        raise ImageRejected(name, f"the rembg model file {path} could not be loaded ({type(exc).__name__}: {exc}); "
             f"replace it with a good copy of u2net.onnx ({REMBG_MODEL_URL})"
         ) from exc
     from rembg import remove
@@ -118,10 +109,10 @@ def remove_background(rgba: "Image.Image", name: str) -> tuple["Image.Image", st
     try:
         out = remove(rgba.convert("RGB"), session=session)
     except Exception as exc:
-        raise _RembgError(f"{name}: background removal with rembg failed: {type(exc).__name__}: {exc}") from exc
+        raise ImageRejected(name, f"background removal with rembg failed: {type(exc).__name__}: {exc}") from exc
     out = out.convert("RGBA")
     if not np.asarray(out)[..., 3].any():
-        raise _RembgError(f"{name}: rembg found no foreground object in the image")
+        raise ImageRejected(name, "rembg found no foreground object in the image")
     return out, "rembg"
 
 

@@ -21,17 +21,20 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from dagster import AssetKey, AssetObservation, RunRequest, SensorResult
+from dagster import AssetObservation, RunRequest, SensorResult
 
 from hy3d_pipeline.images.catalog import DELETED, RequestedImages
-from hy3d_pipeline.images.partitions import IMAGES_PARTITIONS_NAME, images_partitions
+from hy3d_pipeline.images.partitions import (
+    IMAGES_PARTITIONS_NAME,
+    PIPELINE_ASSETS,
+    RANGE_END_TAG,
+    RANGE_START_TAG,
+    images_partitions,
+)
 from hy3d_pipeline.images.retries import SENSOR_NAME, SENSOR_TAG, TICK_TAG, unfinished
 from hy3d_pipeline.settings import current
 
 SHARDS = 2048
-PIPELINE_ASSETS = [AssetKey("source_images"), AssetKey("local_images"), AssetKey("models_3d")]
-RANGE_START_TAG = "dagster/asset_partition_range_start"
-RANGE_END_TAG = "dagster/asset_partition_range_end"
 _ADD_CHUNK = 500
 _MASK = (1 << 64) - 1
 

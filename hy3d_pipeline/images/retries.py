@@ -18,9 +18,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from dagster import AssetKey, AssetRecordsFilter, DagsterRunStatus, RunsFilter
+from dagster import AssetRecordsFilter, DagsterRunStatus, RunsFilter
 
 from hy3d_pipeline.images.catalog import DELETED, RequestedImages
+from hy3d_pipeline.images.partitions import MODELS, RANGE_END_TAG, RANGE_START_TAG
 from hy3d_pipeline.settings import current
 
 SENSOR_TAG = "hy3d/sensor"
@@ -28,9 +29,6 @@ TICK_TAG = "hy3d/tick"
 SENSOR_NAME = "new_images_sensor"
 WILL_RETRY_TAG = "dagster/will_retry"
 PARTITION_TAG = "dagster/partition"
-RANGE_START_TAG = "dagster/asset_partition_range_start"
-RANGE_END_TAG = "dagster/asset_partition_range_end"
-MODELS = AssetKey("models_3d")
 # runs ended this long before a tick are looked at again by the next one: a run storage may commit a status
 # change after its timestamp (a concurrent transaction), and looking twice is harmless (the row no longer matches)
 OVERLAP_S = 60.0

@@ -16,8 +16,8 @@ from dagster import DefaultSensorStatus, SensorEvaluationContext, SensorResult, 
 from hy3d_pipeline.images import events
 from hy3d_pipeline.images.catalog import RequestedImages
 from hy3d_pipeline.images.formats import has_image_extension
-from hy3d_pipeline.images.partitions import partition_key_for
-from hy3d_pipeline.images.planner import PIPELINE_ASSETS, Cursor, Observed, plan_tick
+from hy3d_pipeline.images.partitions import PIPELINE_ASSETS, partition_key_for
+from hy3d_pipeline.images.planner import Cursor, Observed, plan_tick
 from hy3d_pipeline.settings import current
 from hy3d_pipeline.storage.resources import NO_BUCKET, ImageStorage
 

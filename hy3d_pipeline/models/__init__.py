@@ -1,1 +1,2 @@
-"""Generated 3D models: the generator backends, mesh export, and the asset that produces `models_3d`."""
+"""Generated 3D models: the step that makes `models_3d` (assets.py), one image's processing (processing.py), the
+generator backends, export, checks and pictures."""

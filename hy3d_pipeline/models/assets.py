@@ -46,7 +46,7 @@ from dagster._core.definitions.asset_checks.asset_check_evaluation import (
     AssetCheckEvaluationTargetMaterializationData,
 )
 
-from hy3d_pipeline.images.partitions import images_partitions, relative_key_for
+from hy3d_pipeline.images.partitions import LOCAL, MODELS, SOURCE, images_partitions, relative_key_for
 from hy3d_pipeline.models.checks import CHECKS
 from hy3d_pipeline.models.resources import GeneratorResource, choice
 from hy3d_pipeline.settings import OutputFormat, TextureMode, current
@@ -55,8 +55,15 @@ from hy3d_pipeline.storage.base import StorageError
 from hy3d_pipeline.s3.redact import redact
 from hy3d_pipeline.storage.resources import ImageStorage, ObjectInfo
 
-SOURCE, LOCAL, MODELS = AssetKey("source_images"), AssetKey("local_images"), AssetKey("models_3d")
 DATA_VERSION_TAG = "dagster/data_version"
+FAILED_PARTITIONS = "failed_partitions"  # the step Failure's metadata: {partition: message} of the images that failed
+
+
+def step_failures(failure_data) -> dict[str, str] | None:
+    """{partition: message} carried by a step failure's `user_failure_data` (None when it names none)."""
+    failed = failure_data.metadata.get(FAILED_PARTITIONS) if failure_data is not None else None
+    return {str(k): str(v) for k, v in failed.value.items()} if failed is not None and isinstance(
+        failed.value, dict) else None
 PREFETCH = 2
 
 
@@ -295,6 +302,6 @@ def image_to_model(context: AssetExecutionContext, config: ModelsRunConfig, stor
         raise Failure(
             description=f"{len(failures)} of {len(keys)} image(s) failed: "
             + "; ".join(f"{k}: {msg}" for k, (msg, _) in list(failures.items())[:10]),
-            metadata={"failed_partitions": MetadataValue.json({k: msg for k, (msg, _) in failures.items()})},
+            metadata={FAILED_PARTITIONS: MetadataValue.json({k: msg for k, (msg, _) in failures.items()})},
             allow_retries=any(transient for _, transient in failures.values()),
         )

@@ -52,22 +52,25 @@ def _url_download(url: str, dest: Path, timeout: float = 60.0) -> None:
 def fetch_weights(settings: GenerationSettings, *, rembg: bool = True, out=print) -> list[Path]:
     """Download what `settings` needs that is not already present; returns the folders/files now in place."""
     from hy3d_pipeline.images.foreground import REMBG_MODEL_URL, rembg_model_path
-    from hy3d_pipeline.models.generators.hunyuan3d import TURBO_VAES, find_weights, local_model_dir
+    from hy3d_pipeline.models.generators.hunyuan3d import PAINT_SUBFOLDERS, TURBO_VAES, local_model_dir, weights_present
 
     wanted = [(settings.model_path, settings.model_subfolder)]
     turbo = TURBO_VAES.get(settings.model_path.rstrip("/").split("/")[-1])
     if settings.flashvdm and turbo:
         wanted.append(turbo)
     if settings.texture == "paint":
-        wanted += [(settings.model_path, "hunyuan3d-delight-v2-0"), (settings.model_path, "hunyuan3d-paint-v2-0")]
+        wanted += [(settings.model_path, sub) for sub in PAINT_SUBFOLDERS]
     done: list[Path] = []
     for repo_id, subfolder in wanted:
         folder = local_model_dir(repo_id, subfolder)
-        if (folder / "config.yaml").is_file() and find_weights(folder):
+        if weights_present(repo_id, subfolder):
             out(f"already present: {folder}")
         else:
             out(f"downloading {repo_id}/{subfolder} -> {folder}")
             _hub_download(repo_id, [subfolder], folder.parent)
+            if not weights_present(repo_id, subfolder):  # the Hub offline can "succeed" with what is on disk
+                raise WeightsError(f"{repo_id}/{subfolder} is still incomplete in {folder} after the download; "
+                                   "Offline? Copy the folder there by other means")
         done.append(folder)
     if rembg:
         path = rembg_model_path()

@@ -77,6 +77,16 @@ def find_weights(folder: Path) -> tuple[Path, bool, str | None] | None:
     return None
 
 
+def weights_present(model_path: str, subfolder: str) -> bool:
+    """Whether `subfolder` is complete locally, as the loader will judge it: shape models are config.yaml +
+    a checkpoint; the paint and delight models are diffusers pipelines (model_index.json). `fetch-weights` asks
+    this too, so the two never disagree (they did: paint weights were downloaded again on every call)."""
+    folder = local_model_dir(model_path, subfolder)
+    if subfolder in PAINT_SUBFOLDERS:
+        return (folder / "model_index.json").is_file()
+    return (folder / "config.yaml").is_file() and find_weights(folder) is not None
+
+
 def check_local_model(model_path: str, subfolder: str, what: str = "Hunyuan3D model") -> tuple[Path, Path, bool, str | None]:
     """(folder, weights, use_safetensors, variant), or GenerationError naming the exact folder tried."""
     folder = local_model_dir(model_path, subfolder)
@@ -151,11 +161,7 @@ def paint_missing(model_path: str) -> list[str]:
         )
     if importlib.util.find_spec("xatlas") is None:
         missing.append("the `xatlas` package (UV unwrapping)")
-    absent = [
-        str(folder)
-        for folder in (Path(os.path.expanduser(os.path.join(models_root(), model_path, sub))) for sub in PAINT_SUBFOLDERS)
-        if not (folder / "model_index.json").is_file()  # both are diffusers pipelines
-    ]
+    absent = [str(local_model_dir(model_path, sub)) for sub in PAINT_SUBFOLDERS if not weights_present(model_path, sub)]
     if absent:
         missing.append(f"the paint weights {' and '.join(absent)} ({FETCH_HINT})")
     return missing
