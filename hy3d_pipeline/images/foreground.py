@@ -92,18 +92,16 @@ def remove_background(rgba: "Image.Image", name: str) -> tuple["Image.Image", st
     """
     path = rembg_model_path()
     if not path.is_file():
-        raise ImageRejected(name, f"the image has no alpha channel and no plain background, so its background has to be removed "
-            f"with rembg, but the rembg model file {path} does not exist. Run `hy3d-pipeline fetch-weights` "
-            f"where the internet is reachable (it downloads {REMBG_MODEL_URL} there), or set HY3D_REMBG_MODEL to a "
-            "local copy; nothing is downloaded at run time. Alternatively upload the "
-            "image with a transparent or plain background."
-        )
+        raise ImageRejected(
+            name, "the image has no alpha channel and no plain background, so its background has to be removed "
+            f"with rembg, but the rembg model file {path} does not exist. Run `hy3d-pipeline fetch-weights` where "
+            f"the internet is reachable (it downloads {REMBG_MODEL_URL}), or set HY3D_REMBG_MODEL to a local copy; "
+            "nothing is downloaded at run time. Or upload the image with a transparent or plain background.")
     try:
         session = _session(path)
     except Exception as exc:
         raise ImageRejected(name, f"the rembg model file {path} could not be loaded ({type(exc).__name__}: {exc}); "
-            f"replace it with a good copy of u2net.onnx ({REMBG_MODEL_URL})"
-        ) from exc
+                            f"replace it with a good copy of u2net.onnx ({REMBG_MODEL_URL})") from exc
     from rembg import remove
 
     try:
