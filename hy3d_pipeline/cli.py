@@ -21,14 +21,17 @@ def main(argv: list[str] | None = None) -> int:
     gen = sub.add_parser("generate", help="generate one model from a local path or S3 URL")
     gen.add_argument("image")
     gen.add_argument("--format", default="glb", choices=["glb", "obj", "ply", "stl"])
-    gen.add_argument("--texture", action="store_true")
+    gen.add_argument("--texture", nargs="?", const="paint", default=None, choices=["none", "projected", "paint"],
+                     help="texture mode (alone: paint; default: HY3D_TEXTURE, else none); extrude ignores it, "
+                          "its front always shows the image")
     gen.add_argument("--out", default=None, help="folder for the model file(s) (default: HY3D_OUTPUT_DIR or ./hy3d-output)")
     report = sub.add_parser("report", help="write a static HTML gallery of the models, checks and failures")
     report.add_argument("--out", default="hy3d-report", help="folder for index.html and thumbs/ (default: %(default)s)")
     scope = report.add_mutually_exclusive_group()
     scope.add_argument("--prefix", default="", help="only images whose key (relative to S3_IMAGES_PREFIX) starts so")
     scope.add_argument("--backfill", default=None, help="only the images a Dagster backfill targeted (its id)")
-    fetch = sub.add_parser("fetch-weights", help="download the configured Hunyuan3D weights into HY3DGEN_MODELS")
+    fetch = sub.add_parser("fetch-weights", help="download the configured Hunyuan3D weights into HY3DGEN_MODELS "
+                                                    "(none with HY3D_GENERATOR=extrude) and rembg's model")
     fetch.add_argument("--no-rembg", action="store_true", help="skip the background-removal model")
     args = parser.parse_args(argv)
 
@@ -45,9 +48,13 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_worker(args.concurrency, args.loglevel)
     if args.command == "generate":
-        from hy3d_pipeline.core import generate_3d_from_image_core
+        import logging
 
-        result = generate_3d_from_image_core(args.image, with_texture=args.texture, output_format=args.format,
+        from hy3d_pipeline.core import RESULT_MESSAGE, generate_3d_from_image_core
+
+        # the failure is in the printed result already; its log record would say it all a second time
+        logging.getLogger("hy3d_pipeline").addFilter(lambda record: not getattr(record, RESULT_MESSAGE, False))
+        result = generate_3d_from_image_core(args.image, texture=args.texture, output_format=args.format,
                                              output_dir=args.out)
         print(json.dumps(result, indent=2))
         return 0 if result["status"] == "success" else 1

@@ -18,6 +18,8 @@ from typing import Any
 log = logging.getLogger("hy3d_pipeline")
 
 ProgressCallback = Callable[[float, str], None]
+# set on the log record of a failure whose message is the result's own `message`
+RESULT_MESSAGE = "hy3d_result_message"
 
 
 def output_dir() -> Path:
@@ -49,35 +51,44 @@ def generate_3d_from_image_core(
     progress_callback: ProgressCallback | None = None,
     *,
     output_dir: str | os.PathLike | None = None,
+    texture: str | None = None,
 ) -> dict[str, Any]:
     """Generate a 3D model from a local image or an S3 URL, written to `output_dir` (default HY3D_OUTPUT_DIR) as
     `<stem>-<hash of the source>.<format>`: the hash is of bucket and key for S3, of the absolute path for a
     local file, so two different sources never get the same model_path.
 
-    Returns {"status": "success", "model_path", "format", "backend", "vertices", "faces", "watertight",
-    "source", "seconds"} or {"status": "error", "message"}.
+    `texture` (`none`, `projected`, `paint`) picks the texture mode; `with_texture=True` means `paint`; with
+    neither, HY3D_TEXTURE decides.
+
+    Returns {"status": "success", "model_path", "format", "backend", "texture", "vertices", "faces",
+    "watertight", "source", "seconds", "notes"} or {"status": "error", "message"}. `notes` lists settings the
+    backend ignored (say `texture` under `extrude`), empty when there are none.
     """
     start = time.perf_counter()
     try:
-        return _generate(image_path, with_texture, output_format, progress_callback, start, output_dir)
+        mode = texture if texture is not None else ("paint" if with_texture else None)
+        return _generate(image_path, mode, output_format, progress_callback, start, output_dir)
     except Exception as exc:  # noqa: BLE001 - the contract: an error dict, never an exception
         from hy3d_pipeline.s3.redact import redact
 
-        # a presigned input URL is a credential until it expires: never into the log or the message
-        log.error("generation failed for %s: %s", redact(str(image_path)), redact(str(exc)))
+        # a presigned input URL is a credential until it expires: never into the log or the message. The
+        # record is marked as the result's own message, so a caller that shows the result (the CLI) can
+        # leave it out instead of saying everything twice
+        log.error("generation failed for %s: %s", redact(str(image_path)), redact(str(exc)),
+                  extra={RESULT_MESSAGE: True})
         _notify(progress_callback, 100, "failed")
         return {"status": "error", "message": redact(str(exc) or type(exc).__name__), "source": str(image_path)}
 
 
-def _generate(image_path, with_texture, output_format, progress_callback, start, out_dir) -> dict[str, Any]:
+def _generate(image_path, texture, output_format, progress_callback, start, out_dir) -> dict[str, Any]:
     from hy3d_pipeline.models.export import export_model, mesh_stats
+    from hy3d_pipeline.models.generators.base import texture_made
     from hy3d_pipeline.models.processing import Timer, generate_mesh
     from hy3d_pipeline.models.resources import GeneratorResource
 
     if not isinstance(image_path, (str, os.PathLike)) or not str(image_path).strip():
         raise ValueError(f"image_path must be a local path or an S3 URL, got {image_path!r}")
     output_format = str(output_format).lower()
-    texture = "paint" if with_texture else None
     settings = GeneratorResource.from_env().settings(output_format=output_format, texture=texture)
     source = str(image_path)
     timer = Timer()
@@ -100,12 +111,14 @@ def _generate(image_path, with_texture, output_format, progress_callback, start,
         "model_path": str((out / files[0][0]).resolve()),
         "format": settings.output_format,
         "backend": generator.name,
+        "texture": texture_made(settings),
         "foreground_method": prepared.foreground_method,
         "vertices": stats["vertices"],
         "faces": stats["faces"],
         "watertight": stats["watertight"],
         "source": source,
         "seconds": round(time.perf_counter() - start, 3),
+        "notes": settings.ignored_notes(),
         **timer.seconds,
     }
 

@@ -250,7 +250,7 @@ def test_model_from_before_checks_is_measured_again(instance, storage, s3, two_i
 def test_checks_alone_judge_the_existing_model_and_make_none(instance, storage, s3, two_images, monkeypatch):
     run_sensor_once(instance)
     before = s3.head_object(Bucket=storage.images_bucket, Key="models/c/box.png.glb")["LastModified"]
-    monkeypatch.setenv("HY3D_MAX_FACES", "5")  # a stricter budget, applied to the model that exists
+    monkeypatch.setenv("HY3D_OUTPUT_FORMAT", "obj")  # no model in this format exists
     defs = build_defs()
     from hy3d_pipeline.models.assets import image_to_model
 
@@ -259,10 +259,17 @@ def test_checks_alone_judge_the_existing_model_and_make_none(instance, storage, 
     only_checks = dict(selection=AssetSelection.checks_for_assets(MODELS), tags={"dagster/partition": "c/box.png"})
     result = materialize([image_to_model], instance=instance, resources=defs.resources, raise_on_error=False,
                          **only_checks)
-    # a new budget is a new settings fingerprint: no model made with it exists, and checks alone never make one
+    # and checks alone never make one
     assert not result.success
     failure = result.get_step_failure_events()[0].step_failure_data.user_failure_data
     assert "materialize models_3d first" in failure.metadata["failed_partitions"].value["c/box.png"]
+    monkeypatch.delenv("HY3D_OUTPUT_FORMAT")
+    # extrude makes no use of the face budget (the fingerprint leaves it out): the model that exists is judged
+    # against the stricter budget
+    monkeypatch.setenv("HY3D_MAX_FACES", "5")
+    result = materialize([image_to_model], instance=instance, resources=build_defs().resources, **only_checks)
+    assert result.success and result.get_asset_materialization_events() == []
+    assert not latest_checks(instance, "c/box.png")["face_budget"].evaluation.passed
     monkeypatch.delenv("HY3D_MAX_FACES")
     defs = build_defs()
     result = materialize([image_to_model], instance=instance, resources=defs.resources, **only_checks)

@@ -50,7 +50,7 @@ from hy3d_pipeline.images.partitions import LOCAL, MODELS, SOURCE, images_partit
 from hy3d_pipeline.models.checks import CHECKS
 from hy3d_pipeline.models.resources import GeneratorResource, choice
 from hy3d_pipeline.settings import OutputFormat, TextureMode, current
-from hy3d_pipeline.models.generators.base import GenerationError
+from hy3d_pipeline.models.generators.base import GenerationError, texture_made
 from hy3d_pipeline.storage.base import StorageError
 from hy3d_pipeline.s3.redact import redact
 from hy3d_pipeline.storage.resources import ImageStorage, ObjectInfo
@@ -145,6 +145,7 @@ def _model_metadata(outcome, info: ObjectInfo, settings) -> dict[str, Any]:
         # what the model was made with, which an OOM retry may have lowered (processing.settings_used)
         "settings": outcome.settings_fingerprint or settings.fingerprint(),
         "output_format": settings.output_format,
+        "texture": texture_made(settings),
         "bounds": MetadataValue.json(outcome.stats.get("bounds", outcome.figures.get("bounds", []))),
         **({"notes": MetadataValue.json(outcome.notes)} if outcome.notes else {}),
     }

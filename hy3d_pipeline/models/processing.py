@@ -394,7 +394,11 @@ def _load_model(storage: ImageStorage, model_key: str, output_format: str):
     if body is None:
         raise GenerationError(f"s3://{storage.models_bucket_name}/{model_key}: the model disappeared while read")
     # an OBJ's texture is a separate object: geometry is what the figures need, the picture goes without colour
-    return trimesh.load(io.BytesIO(body), file_type=output_format, force="mesh")
+    mesh = trimesh.load(io.BytesIO(body), file_type=output_format, force="mesh")
+    # a loader keeps a position twice where UVs or normals differ (a GLB's creases, an OBJ's baked colours);
+    # the figures (watertight above all) are of the surface
+    mesh.merge_vertices(merge_tex=True, merge_norm=True)
+    return mesh
 
 
 def existing_for_checks(storage: ImageStorage, info: ObjectInfo, settings: GenerationSettings, timer: Timer,
@@ -425,6 +429,7 @@ def process_object(storage: ImageStorage, source: ObjectInfo, partition_key: str
         if done:
             complete_existing(storage, done, source, settings, local_path, timer, copies)
             done.timings = dict(timer.seconds)
+            done.notes[:0] = settings.ignored_notes()
             return done
         if local_path is None or not local_path.exists():
             with timer.stage("download"):
@@ -441,7 +446,7 @@ def _generate_and_upload(storage: ImageStorage, source: ObjectInfo, settings: Ge
 
     mesh, prepared, generator = generate_mesh(path, source.url, settings,
                                               seed_key_for(storage, source.bucket, source.key), timer)
-    notes: list[str] = []
+    notes = settings.ignored_notes()  # said with every model, not silently dropped
     with timer.stage("measure"):
         figures = measure(mesh, prepared.mask)
     with timer.stage("thumbnail"):

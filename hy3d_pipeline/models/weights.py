@@ -1,5 +1,8 @@
 """`hy3d-pipeline fetch-weights`: put the configured weights under HY3DGEN_MODELS, for baking into worker images.
 
+What is fetched follows the settings: the Hunyuan3D subfolders the configured model needs (none under
+HY3D_GENERATOR=extrude), and rembg's U2-Net file at HY3D_REMBG_MODEL for photos without a plain background.
+
 Workers never download at run time (a fleet of GPU workers hitting the Hub at once is slow and fragile, and
 many run offline); this command is the one place that does, ahead of time, into the same layout hy3dgen
 reads: `$HY3DGEN_MODELS/<model path>/<subfolder>/{config.yaml, model.fp16.safetensors}`.
@@ -54,12 +57,15 @@ def fetch_weights(settings: GenerationSettings, *, rembg: bool = True, out=print
     from hy3d_pipeline.images.foreground import REMBG_MODEL_URL, rembg_model_path
     from hy3d_pipeline.models.generators.hunyuan3d import PAINT_SUBFOLDERS, TURBO_VAES, local_model_dir, weights_present
 
-    wanted = [(settings.model_path, settings.model_subfolder)]
-    turbo = TURBO_VAES.get(settings.model_path.rstrip("/").split("/")[-1])
-    if settings.flashvdm and turbo:
-        wanted.append(turbo)
-    if settings.texture == "paint":
-        wanted += [(settings.model_path, sub) for sub in PAINT_SUBFOLDERS]
+    wanted = []
+    # extrude runs no model: its only file is rembg's, which the message for a photo sends users here for
+    if settings.generator != "extrude":
+        wanted.append((settings.model_path, settings.model_subfolder))
+        turbo = TURBO_VAES.get(settings.model_path.rstrip("/").split("/")[-1])
+        if settings.flashvdm and turbo:
+            wanted.append(turbo)
+        if settings.texture == "paint":
+            wanted += [(settings.model_path, sub) for sub in PAINT_SUBFOLDERS]
     done: list[Path] = []
     for repo_id, subfolder in wanted:
         folder = local_model_dir(repo_id, subfolder)

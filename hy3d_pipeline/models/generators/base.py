@@ -1,8 +1,13 @@
 """The generator interface.
 
 Every backend (the CPU `extrude` default, the real `hunyuan3d` model, whatever comes next) is one module in
-this package exposing `build(settings) -> Generator`. The pipeline, the seed API and the benchmarks only ever
-talk to this interface, so a new model is one new module and nothing else changes.
+this package exposing `build(settings) -> Generator` and `GENERATOR`, the class it builds. The pipeline, the
+seed API and the benchmarks only ever talk to this interface, so a new model is one new module and nothing
+else changes.
+
+A backend also declares which settings it honours (`Generator.honours`): the idempotence fingerprint is
+taken over those alone, so a setting a backend ignores (the texture mode under `extrude`) never makes an
+identical model count as new, and the ignored values are noted with the model instead of passing silently.
 
 Backends are expensive to build (a multi-gigabyte model for Hunyuan3D), so `load_generator` keeps one
 instance per process and settings: every partition a process handles reuses it.
@@ -27,6 +32,8 @@ from hy3d_pipeline.settings import OUTPUT_FORMATS, TEXTURE_MODES, Settings
 # the settings that decide what mesh comes out: their types and defaults are the Settings fields of these names
 GENERATION_FIELDS = ("generator", "output_format", "texture", "model_path", "model_subfolder", "device", "steps",
                      "octree_resolution", "guidance_scale", "num_chunks", "seed", "max_faces", "flashvdm")
+# honoured by every backend: which backend runs, and the export that follows it
+UNIVERSAL_SETTINGS = frozenset({"generator", "output_format"})
 
 
 class GenerationError(Exception):
@@ -52,9 +59,39 @@ class _Generation:
         return cls(**values)
 
     def fingerprint(self) -> str:
-        """Short stable hash of the settings that change the output (device does not)."""
-        data = {k: v for k, v in dataclasses.asdict(self).items() if k != "device"}
+        """Short stable hash of the settings that change the output: the effective ones (device never does)."""
+        data = {k: v for k, v in dataclasses.asdict(self.effective()).items() if k != "device"}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+    def effective(self) -> "GenerationSettings":
+        """These settings with every one the backend ignores put back to its default.
+
+        Defaults rather than dropping the fields: a model made with default settings keeps the fingerprint it
+        had before backends declared what they honour, so nothing is regenerated for that."""
+        ignored = self.ignored()
+        return dataclasses.replace(self, **{name: _FIELD_DEFAULTS[name] for name in ignored}) if ignored else self
+
+    def ignored(self) -> dict[str, Any]:
+        """The settings given other than their defaults that the backend does not use: {field: value}."""
+        honours = _honoured(self.generator)
+        if honours is None:
+            return {}
+        return {
+            name: getattr(self, name)
+            for name in _FIELD_DEFAULTS
+            if name not in honours and name != "device" and getattr(self, name) != _FIELD_DEFAULTS[name]
+        }
+
+    def ignored_notes(self) -> list[str]:
+        """One sentence per ignored setting, for the model's metadata and the seed API's result."""
+        ignored = self.ignored()
+        if not ignored:
+            return []
+        reasons = backend_class(self.generator).ignored_because
+        return [
+            f"{name}={value!r} is ignored by {self.generator}: {reasons.get(name) or reasons.get('*') or 'it does not use it'}"
+            for name, value in ignored.items()
+        ]
 
     def seed_for(self, partition_key: str) -> int:
         """Seed fixed by configuration and partition key, so a re-run reproduces the same mesh."""
@@ -79,6 +116,13 @@ class Generator(ABC):
     """One backend. `generate` turns one prepared image into one mesh or scene, or raises GenerationError."""
 
     name: ClassVar[str]
+    # the GenerationSettings fields this backend reads beyond UNIVERSAL_SETTINGS; None: every one of them. Only
+    # these enter the fingerprint, so a backend must list every field that can change its output
+    honours: ClassVar[frozenset[str] | None] = None
+    # why a setting is ignored, by field name ("*": any other), for the notes recorded with the model
+    ignored_because: ClassVar[dict[str, str]] = {}
+    # the colouring this backend always makes, for one that ignores `texture`
+    own_texture: ClassVar[str | None] = None
 
     def __init__(self, settings: GenerationSettings) -> None:
         self.settings = settings
@@ -96,6 +140,34 @@ def known_generators() -> tuple[str, ...]:
     return ("extrude", "hunyuan3d")
 
 
+def backend_class(name: str) -> type[Generator]:
+    """The Generator class of backend `name` (its module's `build` return type), without building it."""
+    if name not in known_generators():
+        raise GenerationError(
+            f"unknown generator {name!r} (HY3D_GENERATOR); use one of {', '.join(known_generators())}"
+        )
+    module = importlib.import_module(f"hy3d_pipeline.models.generators.{name}")
+    return module.GENERATOR
+
+
+def _honoured(name: str) -> frozenset[str] | None:
+    if name not in known_generators():
+        return None  # nothing to ask: every setting counts (loading it fails with the real message)
+    honours = backend_class(name).honours
+    return None if honours is None else honours | UNIVERSAL_SETTINGS
+
+
+def texture_made(settings: GenerationSettings) -> str:
+    """What colours the model: the texture mode asked for, or the backend's own when it ignores the mode."""
+    honours = _honoured(settings.generator)
+    if honours is None or "texture" in honours:
+        return settings.texture
+    return backend_class(settings.generator).own_texture or "none"
+
+
+_FIELD_DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(GenerationSettings)}
+
+
 _cache: dict[tuple, Generator] = {}
 _lock = threading.Lock()
 load_count: dict[str, int] = {}  # how many times each backend was built in this process (tests, metrics)
@@ -111,10 +183,7 @@ def _load_key(settings: GenerationSettings) -> tuple:
 
 def load_generator(settings: GenerationSettings) -> Generator:
     """The warm generator for these settings: built on first use in this process, reused afterwards."""
-    if settings.generator not in known_generators():
-        raise GenerationError(
-            f"unknown generator {settings.generator!r} (HY3D_GENERATOR); use one of {', '.join(known_generators())}"
-        )
+    backend_class(settings.generator)  # an unknown name fails here, with the choices
     global total_loads
     key = _load_key(settings)
     with _lock:

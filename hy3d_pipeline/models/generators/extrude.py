@@ -32,6 +32,13 @@ _MIN_AREA_PX = 2.0
 
 class ExtrudeGenerator(Generator):
     name = "extrude"
+    # no model runs and nothing is random: only the backend's name and the output format change the file
+    honours = frozenset()
+    ignored_because = {
+        "texture": "its front always carries the image itself as a texture (projected and paint are Hunyuan3D's)",
+        "*": "it traces the image's outline; no model runs",
+    }
+    own_texture = "image"
 
     def generate(self, image: PreparedImage, *, seed: int) -> trimesh.Trimesh:
         # `seed` is accepted for the interface and ignored: there is nothing random here
@@ -60,6 +67,9 @@ class ExtrudeGenerator(Generator):
 
 def build(settings: GenerationSettings) -> ExtrudeGenerator:
     return ExtrudeGenerator(settings)
+
+
+GENERATOR = ExtrudeGenerator
 
 
 def _outline_grid(mask: np.ndarray) -> np.ndarray:

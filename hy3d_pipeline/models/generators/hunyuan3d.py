@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FETCH_HINT = "run `hy3d-pipeline fetch-weights` or set HY3DGEN_MODELS to the folder that holds the weights"
+# for a machine that has no weights at all: the way to see the pipeline work without them
+CPU_HINT = "; or, to try the pipeline on CPU without weights, set HY3D_GENERATOR=extrude (the image's outline extruded)"
 
 # (file name, use_safetensors, variant) in the order they are tried; hy3dgen builds the name as
 # f"model{.variant}.{safetensors|ckpt}" from exactly these two arguments
@@ -93,13 +95,14 @@ def check_local_model(model_path: str, subfolder: str, what: str = "Hunyuan3D mo
     if not folder.is_dir():
         raise GenerationError(
             f"{what} {model_path}/{subfolder} is not available locally: {folder} does not exist; {FETCH_HINT}"
+            f"{CPU_HINT}"
         )
     if not (folder / "config.yaml").is_file():
         raise GenerationError(f"{what} folder {folder} has no config.yaml; {FETCH_HINT}")
     found = find_weights(folder)
     if found is None:
         names = ", ".join(name for name, _, _ in WEIGHT_CANDIDATES)
-        raise GenerationError(f"{what} folder {folder} has no weights (looked for {names}); {FETCH_HINT}")
+        raise GenerationError(f"{what} folder {folder} has no weights (looked for {names}); {FETCH_HINT}{CPU_HINT}")
     return (folder, *found)
 
 
@@ -298,6 +301,7 @@ class Hunyuan3DGenerator(Generator):
     because the pipeline's scheduler keeps per-call state."""
 
     name = "hunyuan3d"
+    honours = None  # every setting: weights, sampling, resolution, seed, face budget, texture mode
 
     def __init__(
         self,
@@ -506,3 +510,6 @@ def build(settings: GenerationSettings) -> Hunyuan3DGenerator:
     return Hunyuan3DGenerator(
         settings, pipeline, device=device, dtype=dtype, folder=folder, weights=weights, load_seconds=load_seconds
     )
+
+
+GENERATOR = Hunyuan3DGenerator
