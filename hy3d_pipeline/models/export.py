@@ -184,12 +184,20 @@ def bake_corner_colours(corners: np.ndarray, centres: np.ndarray | None = None) 
     interpolated linearly across each face, as vertex colours are drawn.
 
     Each face gets its own 2 x 2 cell: its corners sit on the centres of three texels holding their colours,
-    and the fourth texel holds the colour the face's gradient reaches there. Bilinear filtering of that cell
-    is then exactly the linear interpolation between the corners (clamping the fourth texel to 0..255 is the
-    only loss, at the sharpest colour steps). Faces are laid out in Z-order of their centres, so neighbouring
-    cells hold neighbouring faces and the blur of a texture's smaller mipmaps stays local."""
+    and the fourth texel holds the colour the face's gradient reaches there (the sum of the two corners beside
+    it less the one across). Bilinear filtering of that cell is then exactly the linear interpolation between
+    the corners. The corner across is chosen so that the fourth colour stays within 0..255 where it can (with
+    two corners of one colour it always can); clamping it is the only loss, at the sharpest three-colour
+    steps. Faces are laid out in Z-order of their centres, so neighbouring cells hold neighbouring faces and
+    the blur of a texture's smaller mipmaps stays local."""
     corners = np.asarray(corners, dtype=np.int16)
     count = len(corners)
+    # for each choice of the corner across the fourth texel: how far that texel would leave 0..255
+    rotations = np.array([[0, 1, 2], [1, 2, 0], [2, 0, 1]])
+    fourth = corners[:, rotations[:, 1]] + corners[:, rotations[:, 2]] - corners[:, rotations[:, 0]]
+    overflow = np.abs(fourth - np.clip(fourth, 0, 255)).sum(axis=2)
+    role = rotations[np.argmin(overflow, axis=1)]  # per face: corner indices in the roles a, b, c
+    corners = np.take_along_axis(corners, role[:, :, None], axis=1)
     columns = max(1, math.ceil(math.sqrt(count)))
     rows = max(1, math.ceil(count / columns))
     cell = np.arange(count)
@@ -205,8 +213,10 @@ def bake_corner_colours(corners: np.ndarray, centres: np.ndarray | None = None) 
     width, height = columns * 2, rows * 2
     x = np.stack([2 * cx + 0.5, 2 * cx + 1.5, 2 * cx + 0.5], axis=1) / width
     y = np.stack([2 * cy + 0.5, 2 * cy + 0.5, 2 * cy + 1.5], axis=1) / height
-    uv = np.stack([x, 1.0 - y], axis=2).reshape(-1, 2)
-    return Image.fromarray(texels, "RGB"), uv
+    by_role = np.stack([x, 1.0 - y], axis=2)
+    uv = np.empty_like(by_role)
+    np.put_along_axis(uv, role[:, :, None], by_role, axis=1)  # back to the faces' own corner order
+    return Image.fromarray(texels, "RGB"), uv.reshape(-1, 2)
 
 
 def _z_order(points: np.ndarray, bits: int = 10) -> np.ndarray:
