@@ -87,7 +87,8 @@ class Settings:
     output_format: OutputFormat = _var("HY3D_OUTPUT_FORMAT", "glb", "model file format (per run too: launchpad config "
                                        "`output_format`)", section="generation")
     texture: TextureMode = _var("HY3D_TEXTURE", "none", "`paint` (Hunyuan3D-Paint, CUDA), `projected` (vertex "
-                                "colours from the image) or `none` (per run too: `texture`)", section="generation")
+                                "colours from the image) or `none` (per run too: `texture`); `extrude` ignores it and says so",
+                                section="generation")
     model_path: str = _var("HY3D_MODEL_PATH", "tencent/Hunyuan3D-2", "Hunyuan3D weights: Hugging Face repo id "
                            "or folder name under HY3DGEN_MODELS", section="generation")
     model_subfolder: str = _var("HY3D_MODEL_SUBFOLDER", "hunyuan3d-dit-v2-0", "subfolder of the weights",

@@ -73,3 +73,15 @@ def test_present_paint_weights_are_not_fetched_again(offline):
     assert not weights_present("tiny/Hunyuan3D-tiny", PAINT_SUBFOLDERS[0])
     with pytest.raises(WeightsError, match=PAINT_SUBFOLDERS[0]):
         fetch_weights(settings, rembg=False, out=said.append)
+
+
+def test_extrude_fetches_the_rembg_model_alone(offline, monkeypatch):
+    """Under HY3D_GENERATOR=extrude (the rembg message sends CPU users here) no Hunyuan3D weights are fetched."""
+    settings = GenerationSettings(generator="extrude", texture="paint")
+    said = []
+    assert fetch_weights(settings, rembg=False, out=said.append) == [] and said == []
+    monkeypatch.setattr("hy3d_pipeline.images.foreground.REMBG_MODEL_URL", f"{__import__('os').environ['HF_ENDPOINT']}/u2net.onnx")
+    with pytest.raises(WeightsError, match="u2net.onnx"):
+        fetch_weights(settings, out=said.append)
+    assert said == [f"downloading the rembg model -> {offline / 'rembg' / 'u2net.onnx'}"]
+    assert not (offline / "models").exists()

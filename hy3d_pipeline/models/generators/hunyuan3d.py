@@ -451,8 +451,9 @@ class Hunyuan3DGenerator(Generator):
 
 def build(settings: GenerationSettings) -> Hunyuan3DGenerator:
     started = time.perf_counter()
-    device = resolve_device(settings.device)
+    # the files first: a machine without weights learns so in milliseconds, before torch is imported
     folder, weights, use_safetensors, variant = check_local_model(settings.model_path, settings.model_subfolder)
+    device = resolve_device(settings.device)
     config_path = folder / "config.yaml"
     _read_config(config_path)
     if settings.texture == "paint":
