@@ -96,19 +96,28 @@ def test_rerun_skips_existing_and_overwrite_regenerates(instance, storage, s3, b
 
 
 def test_settings_change_regenerates(instance, storage, s3, bucket_with_batch, monkeypatch):
+    """A model recorded with other settings is made again; a setting the backend ignores is no change (extrude
+    has no use for a seed, and regenerating would only write the same file again)."""
     run_sensor_once(instance)
     from dagster import materialize
 
     from hy3d_pipeline.models.assets import image_to_model
 
+    key, model = "good/box.PNG", "models/good/box.PNG.glb"
+    before = s3.head_object(Bucket=bucket_with_batch, Key=model)
     monkeypatch.setenv("HY3D_SEED", "99")
-    defs = build_defs()
-    key = "good/box.PNG"
-    before = s3.head_object(Bucket=bucket_with_batch, Key=f"models/{key}.glb")["Metadata"][META_SETTINGS]
-    assert materialize([image_to_model], instance=instance, resources=defs.resources, partition_key=key,
-                       selection=[MODELS]).success
+    run = dict(instance=instance, partition_key=key, selection=[MODELS])
+    assert materialize([image_to_model], resources=build_defs().resources, **run).success
+    assert latest_metadata(instance, "models_3d", key)["skipped_existing"] is True
+    assert s3.head_object(Bucket=bucket_with_batch, Key=model)["ETag"] == before["ETag"]
+
+    # the same file, recorded as made with other settings (another configuration, an older version)
+    body = s3.get_object(Bucket=bucket_with_batch, Key=model)["Body"].read()
+    s3.put_object(Bucket=bucket_with_batch, Key=model, Body=body, ContentType=before["ContentType"],
+                  Metadata={**before["Metadata"], META_SETTINGS: "0" * 16})
+    assert materialize([image_to_model], resources=build_defs().resources, **run).success
     assert latest_metadata(instance, "models_3d", key)["skipped_existing"] is False
-    assert s3.head_object(Bucket=bucket_with_batch, Key=f"models/{key}.glb")["Metadata"][META_SETTINGS] != before
+    assert s3.head_object(Bucket=bucket_with_batch, Key=model)["Metadata"][META_SETTINGS] == before["Metadata"][META_SETTINGS]
 
 
 def test_local_images_alone_keeps_verified_copy(instance, storage, s3, bucket_with_batch):
