@@ -24,9 +24,10 @@ from scipy.spatial import cKDTree
 
 from hy3d_pipeline import generate_3d_from_image_core
 from hy3d_pipeline.embedded.samples import sample_images
+from hy3d_pipeline.images.prepared import PreparedImage
 from hy3d_pipeline.images.validation import prepare_image
 from hy3d_pipeline.models.export import ARRAY_BUFFER, ELEMENT_ARRAY_BUFFER, export_model, shading_normals
-from hy3d_pipeline.models.generators.base import GenerationSettings, PreparedImage
+from hy3d_pipeline.models.generators.base import GenerationSettings
 from hy3d_pipeline.models.generators.extrude import build
 from hy3d_pipeline.models.generators.hunyuan3d import project_vertex_colors
 from hy3d_pipeline_tests.conftest import png_bytes

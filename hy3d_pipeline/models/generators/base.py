@@ -147,7 +147,8 @@ def backend_class(name: str) -> type[Generator]:
             f"unknown generator {name!r} (HY3D_GENERATOR); use one of {', '.join(known_generators())}"
         )
     module = importlib.import_module(f"hy3d_pipeline.models.generators.{name}")
-    return module.GENERATOR
+    # a backend that declares nothing is taken to honour every setting
+    return getattr(module, "GENERATOR", Generator)
 
 
 def _honoured(name: str) -> frozenset[str] | None:
