@@ -1,7 +1,8 @@
 """The seed's single-image API, kept for callers outside Dagster (a web handler, a Celery task).
 
-`generate_3d_from_image_core` takes a local path or any S3 URL form, returns the seed's result dict and never
-raises for bad input. It runs the same functions as the `models_3d` asset.
+`generate_3d_from_image_core` takes a local path, any S3 URL form, a URL of the configured S3_ENDPOINT_URL, or a
+presigned URL of either (fetched with its own signature: s3/presigned.py); returns the seed's result dict and
+never raises for bad input. It runs the same functions as the `models_3d` asset.
 """
 
 from __future__ import annotations
@@ -71,13 +72,21 @@ def generate_3d_from_image_core(
     except Exception as exc:  # noqa: BLE001 - the contract: an error dict, never an exception
         from hy3d_pipeline.s3.redact import redact
 
-        # a presigned input URL is a credential until it expires: never into the log or the message. The
-        # record is marked as the result's own message, so a caller that shows the result (the CLI) can
+        # a presigned input URL is a credential until it expires: never into the log, the message or the dict.
+        # The record is marked as the result's own message, so a caller that shows the result (the CLI) can
         # leave it out instead of saying everything twice
-        log.error("generation failed for %s: %s", redact(str(image_path)), redact(str(exc)),
-                  extra={RESULT_MESSAGE: True})
+        shown = shown_source(str(image_path))
+        log.error("generation failed for %s: %s", shown, redact(str(exc)), extra={RESULT_MESSAGE: True})
         _notify(progress_callback, 100, "failed")
-        return {"status": "error", "message": redact(str(exc) or type(exc).__name__), "source": str(image_path)}
+        return {"status": "error", "message": redact(str(exc) or type(exc).__name__), "source": shown}
+
+
+def shown_source(source: str) -> str:
+    """`source` as it may be shown and returned: a presigned URL without its query, nothing secret in the rest."""
+    from hy3d_pipeline.s3.redact import redact
+    from hy3d_pipeline.s3.urls import is_presigned_url, without_query
+
+    return redact(without_query(source) if is_presigned_url(source) else source)
 
 
 def _generate(image_path, texture, output_format, progress_callback, start, out_dir) -> dict[str, Any]:
@@ -116,7 +125,7 @@ def _generate(image_path, texture, output_format, progress_callback, start, out_
         "vertices": stats["vertices"],
         "faces": stats["faces"],
         "watertight": stats["watertight"],
-        "source": source,
+        "source": shown_source(source),
         "seconds": round(time.perf_counter() - start, 3),
         "notes": settings.ignored_notes(),
         **timer.seconds,
@@ -127,23 +136,25 @@ def _input(source: str, scope: contextlib.ExitStack, timer, progress_callback) -
     """(local file, name for messages, identity for the output name, seed key) of the input; a downloaded copy
     lives until `scope` closes."""
     from hy3d_pipeline.models.processing import LocalCopies, seed_key_for
-    from hy3d_pipeline.s3.urls import is_s3_url, parse_s3_url
+    from hy3d_pipeline.s3.urls import is_presigned_url
 
-    if is_s3_url(source):
+    configured = _configured_storage()
+    location = _s3_location(source, configured.endpoint_url)
+    if location is not None:
         from hy3d_pipeline.settings import current
         from hy3d_pipeline.storage.resources import ImageStorage
 
-        location = parse_s3_url(source)
         storage = ImageStorage.from_env(images_bucket=location.bucket, region_name=location.region or current().region)
         copies = scope.enter_context(LocalCopies(storage))
         _notify(progress_callback, 5, "downloading")
         with timer.stage("download"):
-            local = copies.fetch(storage.head(location.bucket, location.key))
+            if is_presigned_url(source):  # its own signature, not this worker's credentials
+                local = copies.fetch_presigned(source, location)
+            else:
+                local = copies.fetch(storage.head(location.bucket, location.key))
         # the key the pipeline seeds with for the same object, so both make the same mesh
-        seed_key = seed_key_for(_configured_storage(), location.bucket, location.key)
-        return local, location.url, f"s3://{location.bucket}/{location.key}", seed_key
-    if "://" in source:
-        raise ValueError(f"{source!r} is neither a local path nor an S3 URL (s3://bucket/key or an amazonaws.com URL)")
+        seed_key = seed_key_for(configured, location.bucket, location.key)
+        return local, location.url, _identity(source, location, configured.endpoint_url), seed_key
     local = Path(source)
     if not local.is_file():
         raise FileNotFoundError(f"image not found: {source}")
@@ -156,3 +167,37 @@ def _configured_storage():
     from hy3d_pipeline.storage.resources import ImageStorage
 
     return ImageStorage.from_env()
+
+
+def _s3_location(source: str, endpoint_url: str | None):
+    """The S3 object `source` names, None when it is a local path; ValueError for a URL of anything else
+    (the pipeline never fetches an arbitrary URL), saying which forms are accepted."""
+    from hy3d_pipeline.s3.urls import S3UrlError, parse_object_url
+
+    try:
+        return parse_object_url(source, endpoint_url)
+    except S3UrlError as exc:
+        if "://" not in source:
+            return None
+        shown = shown_source(source)
+        shown = shown if len(shown) <= 200 else f"{shown[:200]}... ({len(shown)} characters)"
+        endpoint = (f"{shown_source(endpoint_url).rstrip('/')}/BUCKET/KEY (S3_ENDPOINT_URL)" if endpoint_url
+                    else "with S3_ENDPOINT_URL set, URLs of that endpoint")
+        raise ValueError(
+            f"{shown!r} is neither a local path nor an S3 URL ({exc.reason}). Use a local path, s3://BUCKET/KEY, "
+            "https://BUCKET.s3.REGION.amazonaws.com/KEY or https://s3.REGION.amazonaws.com/BUCKET/KEY, or "
+            f"{endpoint}; any of these URLs may be presigned. An image elsewhere: download it and pass the "
+            "local path, or upload it to the bucket") from None
+
+
+def _identity(source: str, location, endpoint_url: str | None) -> str:
+    """What tells this source from every other: s3://bucket/key, except for a presigned AWS URL while an
+    S3_ENDPOINT_URL is configured (there s3://bucket/key means the endpoint's object, another one)."""
+    from hy3d_pipeline.s3.urls import S3UrlError, is_presigned_url, parse_endpoint_url, without_query
+
+    if endpoint_url and is_presigned_url(source):
+        try:
+            parse_endpoint_url(source, endpoint_url)
+        except S3UrlError:
+            return without_query(source)
+    return location.url

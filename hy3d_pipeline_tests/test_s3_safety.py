@@ -9,20 +9,15 @@ talk real HTTP to it, nothing in the process is patched.
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
-import socket
-import ssl
-import threading
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
 
 from hy3d_pipeline.s3.errors import S3AccessError
 from hy3d_pipeline.storage.resources import NO_BUCKET, ImageStorage, ObjectInfo
 from hy3d_pipeline.storage.s3 import etag_is_md5
+from hy3d_pipeline_tests.crafted import Crafted, closed_port, self_signed
 
 EMPTY_PAGE = (b'<?xml version="1.0" encoding="UTF-8"?><ListBucketResult><Name>b</Name><Prefix></Prefix>'
               b"<KeyCount>0</KeyCount><MaxKeys>1000</MaxKeys><IsTruncated>false</IsTruncated></ListBucketResult>")
@@ -34,55 +29,6 @@ def page(keys, truncated=False, token=None) -> bytes:
     tail = f"<NextContinuationToken>{token}</NextContinuationToken>" if token else ""
     return (f'<?xml version="1.0" encoding="UTF-8"?><ListBucketResult><Name>b</Name>{contents}'
             f"<IsTruncated>{'true' if truncated else 'false'}</IsTruncated>{tail}</ListBucketResult>").encode()
-
-
-class Crafted:
-    """A real HTTP(S) server on loopback whose answer `respond(method, path) -> (status, body)` the test picks."""
-
-    def __init__(self, respond, tls: tuple[Path, Path] | None = None):
-        self.requests: list[tuple[str, str]] = []
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def _answer(self):
-                outer.requests.append((self.command, self.path))
-                status, body = respond(self.command, self.path)
-                self.send_response(status)
-                self.send_header("Content-Type", "application/xml")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(body)
-
-            do_GET = do_HEAD = do_PUT = _answer
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        if tls:
-            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            ctx.load_cert_chain(*tls)
-            self.server.socket = ctx.wrap_socket(self.server.socket, server_side=True)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def url(self, scheme="http") -> str:
-        return f"{scheme}://127.0.0.1:{self.server.server_address[1]}"
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join()
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -109,32 +55,8 @@ def test_truncated_page_without_token_fails_the_listing(fake_creds):
     assert "continuation token" in str(err.value)
 
 
-def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-    import ipaddress
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "hy3d test CA")])
-    now = dt.datetime.now(dt.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(hours=1))
-            .not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                           critical=False)
-            .sign(key, hashes.SHA256()))
-    cert_path, key_path = tmp_path / "ca.pem", tmp_path / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return cert_path, key_path
-
-
 def test_listing_verifies_tls_against_the_configured_ca_bundle(fake_creds, tmp_path, monkeypatch):
-    cert, key = _self_signed(tmp_path)
+    cert, key = self_signed(tmp_path)
     with Crafted(lambda m, p: (200, page(["tls.png"])), tls=(cert, key)) as srv:
         endpoint = srv.url("https")
         default = ImageStorage(images_bucket="b", endpoint_url=endpoint, max_attempts=1)

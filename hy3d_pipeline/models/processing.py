@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from hy3d_pipeline.models.generators.base import GenerationError, GenerationSettings, load_generator, worker_identity
+from hy3d_pipeline.s3.urls import S3Location
 from hy3d_pipeline.storage.base import StorageError
 from hy3d_pipeline.storage.resources import ImageStorage, ObjectInfo
 
@@ -63,7 +64,13 @@ class LocalCopies:
             self.storage.discard_local(path)
 
     def fetch(self, info: ObjectInfo) -> Path:
-        path = self.storage.download(info)
+        return self._hold(self.storage.download(info))
+
+    def fetch_presigned(self, url: str, location: S3Location) -> Path:
+        """The copy of a presigned URL's object, fetched with the URL's own signature (the seed API)."""
+        return self._hold(self.storage.download_presigned(url, location)[0])
+
+    def _hold(self, path: Path) -> Path:
         with self._lock:
             self._held.add(path)
         return path

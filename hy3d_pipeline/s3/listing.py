@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from urllib.parse import unquote_plus
 
 from hy3d_pipeline.s3.errors import S3AccessError
+from hy3d_pipeline.s3.redact import scrub_library_logs
 
 _CONTENTS = re.compile(r"<Contents>(.*?)</Contents>", re.S)
 _KEY = re.compile(r"<Key>([^<]*)</Key>")
@@ -78,6 +79,7 @@ def list_pages(client, bucket: str, prefix: str = "", start_after: str = "", tim
     """Pages of (key, etag, size) under `prefix` in key order, resuming after `start_after`.
 
     `timeout` is kept for callers; the client's own connect/read timeouts apply (ImageStorage sets them)."""
+    scrub_library_logs()  # urllib3 logs each page's signed URL at DEBUG
     params = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": page_size, "EncodingType": "url"}
     if start_after:
         params["StartAfter"] = start_after

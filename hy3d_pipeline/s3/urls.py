@@ -10,6 +10,12 @@ else in the package therefore goes through :func:`parse_s3_url`, which either
 returns a normalised :class:`S3Location` or raises :class:`S3UrlError` with a
 message a user can act on.
 
+URLs of the configured S3-compatible endpoint (S3_ENDPOINT_URL) are S3 URLs
+too, but only through :func:`parse_object_url`, and only with exactly that
+scheme, host and port.  :func:`is_presigned_url` tells the URLs that carry their
+own signature (fetched with it: s3/presigned.py) from the ones read with the
+worker's credentials.
+
 The parser is deliberately hand-written instead of built on
 ``urllib.parse.urlsplit``: urlsplit silently drops tabs and newlines anywhere
 in the URL and strips leading control characters, and it would split an
@@ -240,7 +246,8 @@ def _refuse_host(url: str, host: str) -> S3UrlError:
     return _fail(url, f"host {host!r} is not an AWS S3 endpoint")
 
 
-def _parse_http_scheme(url: str, rest: str) -> S3Location:
+def _split_http(url: str, rest: str) -> tuple[str, str, str]:
+    """(lower-case host, port or "", the rest after the authority) of an http(s) URL, every trick refused."""
     if _CONTROL_RE.search(url):
         raise _fail(url, "contains control characters (tab, newline, ...)")
     if not rest.startswith("//"):
@@ -271,7 +278,11 @@ def _parse_http_scheme(url: str, rest: str) -> S3Location:
         raise _fail(url, f"invalid character {bad!r} in host")
     if len(host) > 253:
         raise _fail(url, "host name is longer than 253 characters")
-    host = host.lower()
+    return host.lower(), port, tail
+
+
+def _parse_http_scheme(url: str, rest: str) -> S3Location:
+    host, _, tail = _split_http(url, rest)
 
     match = _HOST_RE.fullmatch(host)
     if match is None:
@@ -289,26 +300,33 @@ def _parse_http_scheme(url: str, rest: str) -> S3Location:
         raise _fail(url, f"China region {region!r} requires the amazonaws.com.cn domain")
 
     path = re.match(r"[^?#]*", tail).group()  # query and fragment never reach the key
-    bucket = match["bucket"]
+    if match["accelerate"]:
+        if match["bucket"] is None:
+            raise _fail(url, "Transfer Acceleration endpoints require the bucket in the host name")
+        _check_bucket(url, match["bucket"])
+        if "." in match["bucket"]:
+            raise _fail(url, "buckets with dots in their name cannot use Transfer Acceleration")
+    bucket, key = _object_in_path(url, path, match["bucket"])
+    return S3Location(bucket, key, region)
+
+
+def _object_in_path(url: str, path: str, bucket: str | None) -> tuple[str, str]:
+    """Bucket and percent-decoded key of an http(s) URL's path: `bucket` when the host named it
+    (virtual-hosted style), else the path's first segment (path style)."""
     if bucket is not None:
         raw_key = path[1:]
     else:
-        if match["accelerate"]:
-            raise _fail(url, "Transfer Acceleration endpoints require the bucket in the host name")
         raw_bucket, _, raw_key = path[1:].partition("/")
         if not raw_bucket:
             raise _fail(url, "missing bucket name (path-style URL with an empty path)")
         bucket = _decode(url, raw_bucket, "bucket name")
     _check_bucket(url, bucket)
-    if match["accelerate"] and "." in bucket:
-        raise _fail(url, "buckets with dots in their name cannot use Transfer Acceleration")
-
     if not raw_key:
         raise _fail(url, "missing object key (the URL names a bucket, not an object)")
     key = _decode(url, raw_key, "object key")
     if not key:
         raise _fail(url, "object key decodes to an empty string")
-    return S3Location(bucket, _check_key(url, key), region)
+    return bucket, _check_key(url, key)
 
 
 def parse_s3_url(url: str) -> S3Location:
@@ -350,3 +368,108 @@ def is_s3_url(url: object) -> bool:
     except S3UrlError:
         return False
     return True
+
+
+# --- presigned URLs and the configured endpoint ------------------------------
+
+def _http_scheme(url: str) -> str | None:
+    match = _SCHEME_RE.match(url)
+    scheme = match.group()[:-1].lower() if match else None
+    return scheme if scheme in ("http", "https") else None
+
+
+def is_presigned_url(url: object) -> bool:
+    """True for an http(s) URL whose query carries a signature or credential (SigV4 `X-Amz-Signature`,
+    `X-Amz-Credential`, ...; SigV2 `Signature`, `AWSAccessKeyId`): it is fetched with that signature, never
+    with the worker's own credentials. A partial set counts too: S3 then refuses it, which says more than
+    quietly reading the object with other credentials."""
+    if not isinstance(url, str) or _http_scheme(url) is None:
+        return False
+    query = url.partition("?")[2].partition("#")[0]
+    return bool({part.split("=", 1)[0].lower() for part in query.split("&")} & SIGNED_QUERY_PARAMS)
+
+
+def without_query(url: str) -> str:
+    """An http(s) URL without its query and fragment (how a presigned URL is named anywhere it is shown).
+    Other strings unchanged: in s3:// URIs "?" and "#" are key characters."""
+    if _http_scheme(url) is None:
+        return url
+    return url.partition("?")[0].partition("#")[0]
+
+
+@dataclass(frozen=True)
+class _Endpoint:
+    scheme: str
+    host: str
+    port: int
+    prefix: str  # path under which the endpoint serves S3, without the trailing "/"
+
+    def __str__(self) -> str:
+        return f"{self.scheme}://{self.host}:{self.port}{self.prefix}"
+
+
+def _endpoint(endpoint_url: str) -> _Endpoint | None:
+    # configuration, not user input: the standard parser is fine here
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(endpoint_url.strip())
+        scheme = parts.scheme.lower()
+        port = parts.port or {"http": 80, "https": 443}.get(scheme)
+    except ValueError:
+        return None
+    if scheme not in ("http", "https") or not parts.hostname or port is None:
+        return None
+    return _Endpoint(scheme, parts.hostname.lower(), port, parts.path.rstrip("/"))
+
+
+def _on_endpoint(url: str, endpoint: _Endpoint) -> tuple[str, str, str] | None:
+    """(scheme, host, tail) when `url` addresses `endpoint`'s host and port, either as the host itself (path
+    style) or as BUCKET.host (virtual-hosted style); None when it addresses another host."""
+    scheme = _http_scheme(url)
+    if scheme is None:
+        return None
+    host, port, tail = _split_http(url, url[len(scheme) + 1:])
+    port_number = int(port) if port else {"http": 80, "https": 443}[scheme]
+    if port_number != endpoint.port or not (host == endpoint.host or host.endswith("." + endpoint.host)):
+        return None
+    return scheme, host, tail
+
+
+def parse_endpoint_url(url: str, endpoint_url: str) -> S3Location:
+    """Bucket and key of an http(s) URL of the S3-compatible endpoint `endpoint_url` (S3_ENDPOINT_URL):
+    path style `ENDPOINT/bucket/key` or virtual-hosted `BUCKET.host`. The scheme, host and port must be the
+    endpoint's own; any other host raises :class:`S3UrlError`, so only the configured server is ever fetched."""
+    if not isinstance(url, str):
+        raise TypeError(f"S3 URL must be a str, not {type(url).__name__}")
+    endpoint = _endpoint(endpoint_url)
+    if endpoint is None:
+        raise _fail(url, f"S3_ENDPOINT_URL {_show(endpoint_url)} is not an http(s) URL")
+    found = _on_endpoint(url, endpoint)
+    if found is None:
+        raise _fail(url, f"not a URL of S3_ENDPOINT_URL ({endpoint})")
+    scheme, host, tail = found
+    if scheme != endpoint.scheme:
+        raise _fail(url, f"uses {scheme}:// but S3_ENDPOINT_URL is {endpoint.scheme}:// ({endpoint})")
+    path = re.match(r"[^?#]*", tail).group()
+    if endpoint.prefix:
+        if not path.startswith(endpoint.prefix + "/"):
+            raise _fail(url, f"path is not under S3_ENDPOINT_URL's path {endpoint.prefix!r}")
+        path = path[len(endpoint.prefix):]
+    bucket = host[: -len(endpoint.host) - 1] if host != endpoint.host else None
+    bucket, key = _object_in_path(url, path, bucket)
+    return S3Location(bucket, key)
+
+
+def parse_object_url(url: str, endpoint_url: str | None = None) -> S3Location:
+    """:func:`parse_s3_url`, plus http(s) URLs of `endpoint_url` (S3_ENDPOINT_URL) when one is configured.
+    The refusal of any other host says that neither AWS nor the endpoint was matched."""
+    endpoint = _endpoint(endpoint_url) if endpoint_url else None
+    scheme = _http_scheme(url) if isinstance(url, str) else None
+    if endpoint is not None and scheme is not None:
+        if _on_endpoint(url, endpoint) is not None:
+            return parse_endpoint_url(url, endpoint_url)
+        host = _split_http(url, url[len(scheme) + 1:])[0]
+        if _HOST_RE.fullmatch(host) is None:
+            raise _fail(url, f"{_refuse_host(url, host).reason}, and not a URL of S3_ENDPOINT_URL ({endpoint})")
+    return parse_s3_url(url)

@@ -12,14 +12,15 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from dagster import ConfigurableResource
 from pydantic import Field
 
 from hy3d_pipeline import settings as config
+from hy3d_pipeline.s3.urls import S3Location
 from hy3d_pipeline.storage.base import ObjectInfo, ObjectStore, StorageError
 
 _CREDENTIAL_FIELDS = ("aws_access_key_id", "aws_secret_access_key", "aws_session_token")
@@ -197,12 +198,35 @@ class ImageStorage(ConfigurableResource):
         if dest.exists() and dest.stat().st_size == info.size:
             os.utime(dest)  # in use again: young enough that sweep_temp leaves it
             return dest
+        deadline = time.monotonic() + float(self.download_timeout)
+        self._write_local(dest, lambda out: self.store.fetch(info, out, deadline=deadline))
+        return dest
+
+    def download_presigned(self, url: str, location: S3Location) -> tuple[Path, ObjectInfo]:
+        """The local copy of the object of a presigned `url` (`location`: its bucket and key), fetched with the
+        URL's own signature, never with this process's credentials (s3/presigned.py); with the same checks and
+        the same `.part`-then-rename as `download`. Returns the copy and what the answer said of the object.
+        Each call makes a copy of its own: the version is known only once the answer arrives."""
+        from hy3d_pipeline.storage.s3 import S3Store
+
+        store = self.store
+        if not isinstance(store, S3Store):
+            raise StorageError(f"presigned URLs are S3's; this storage is {store.scheme}://", code="NotSupported")
+        dest = self.local_path(ObjectInfo(location.bucket, location.key, f"presigned-{uuid.uuid4().hex}", 0))
+        deadline = time.monotonic() + float(self.download_timeout)
+        found: list[ObjectInfo] = []
+        self._write_local(dest, lambda out: found.append(store.fetch_presigned(url, location, out, deadline)))
+        return dest, found[0]
+
+    @staticmethod
+    def _write_local(dest: Path, write: Callable[[BinaryIO], Any]) -> None:
+        """`write(file)` into a `.part` next to `dest`, renamed to `dest` only when it returns: a reader never
+        sees a partial copy, and no `.part` is left behind whatever happens."""
         tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.part")
         try:
             with open(tmp, "wb") as out:
-                self.store.fetch(info, out, deadline=time.monotonic() + float(self.download_timeout))
+                write(out)
             os.replace(tmp, dest)
-            return dest
         finally:
             tmp.unlink(missing_ok=True)
 

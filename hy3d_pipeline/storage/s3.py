@@ -12,15 +12,16 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from hy3d_pipeline.s3.errors import S3AccessError, translate
+from hy3d_pipeline.s3.urls import S3Location
 from hy3d_pipeline.settings import secret_values
 from hy3d_pipeline.storage.base import ObjectInfo, ObjectStore
 
-_CHUNK = 1 << 20
+CHUNK_BYTES = 1 << 20  # read size of downloads
 _clients: dict[tuple, Any] = {}
 _clients_lock = threading.Lock()
 _warned_no_list: set[str] = set()
@@ -131,26 +132,17 @@ class S3Store(ObjectStore):
         try:
             # conditional on the ETag: an overwrite while we read is detected, not mixed into the copy
             resp = self.client().get_object(Bucket=info.bucket, Key=info.key, IfMatch=f'"{info.etag}"')
-            md5 = hashlib.md5(usedforsecurity=False)
-            size = 0
-            for chunk in resp["Body"].iter_chunks(_CHUNK):
-                out.write(chunk)
-                md5.update(chunk)
-                size += len(chunk)
-                if time.monotonic() > deadline:
-                    raise TimeoutError()
         except Exception as exc:  # noqa: BLE001
-            if isinstance(exc, TimeoutError):
-                raise S3AccessError(
-                    f"download of {info.url} took longer than S3_DOWNLOAD_TIMEOUT={self.download_timeout:g} s; "
-                    "raise it for large images or check the network", transient=True, code="Timeout") from exc
             raise self._fail(exc, info.bucket, info.key) from exc
-        if size != info.size:
-            raise S3AccessError(f"download of {info.url} is incomplete: got {size} of {info.size} bytes",
-                                transient=True, code="Incomplete")
-        if etag_is_md5(info.etag, resp) and md5.hexdigest() != info.etag:
-            raise S3AccessError(f"download of {info.url} does not match its ETag {info.etag}: corrupted in transit",
-                                transient=True, code="BadDigest")
+        write_checked(resp["Body"].iter_chunks(CHUNK_BYTES), info, out, deadline, check_md5=etag_is_md5(info.etag, resp),
+                      timeout_s=self.download_timeout, fail=lambda exc: self._fail(exc, info.bucket, info.key))
+
+    def fetch_presigned(self, url: str, location: S3Location, out: BinaryIO, deadline: float) -> ObjectInfo:
+        """Write the object of the presigned `url` to `out` with the URL's own signature (no credentials of
+        ours); returns what the answer said of it. `location` is its bucket and key (s3/urls.py parsed them)."""
+        from hy3d_pipeline.s3.presigned import fetch_presigned
+
+        return fetch_presigned(url, location, out, deadline, timeout=self.download_timeout, verify=self.verify)
 
     def read(self, bucket: str, key: str) -> bytes | None:
         try:
@@ -192,6 +184,35 @@ class S3Store(ObjectStore):
 
         # only for a configured endpoint (a SeaweedFS on a laptop): on AWS a plain link needs a public object
         return f"{self.endpoint_url.rstrip('/')}/{bucket}/{quote(key)}" if self.endpoint_url else None
+
+
+def write_checked(chunks: Iterable[bytes], info: ObjectInfo, out: BinaryIO, deadline: float, *, check_md5: bool,
+                  timeout_s: float, fail: Callable[[BaseException], BaseException]) -> None:
+    """The checks every download gets, whoever sends the GET (boto3 in S3Store.fetch, a presigned URL's own
+    signature in s3/presigned.py): `chunks` copied to `out`, done by `deadline` (time.monotonic()), exactly
+    `info.size` bytes, their MD5 equal to the ETag when `check_md5` (see etag_is_md5). `fail` turns an error
+    raised while reading into the S3AccessError to raise."""
+    md5 = hashlib.md5(usedforsecurity=False)
+    size = 0
+    try:
+        for chunk in chunks:
+            out.write(chunk)
+            md5.update(chunk)
+            size += len(chunk)
+            if time.monotonic() > deadline:
+                raise TimeoutError()
+    except Exception as exc:  # noqa: BLE001
+        if isinstance(exc, TimeoutError):
+            raise S3AccessError(
+                f"download of {info.url} took longer than S3_DOWNLOAD_TIMEOUT={timeout_s:g} s; "
+                "raise it for large images or check the network", transient=True, code="Timeout") from exc
+        raise fail(exc) from exc
+    if size != info.size:
+        raise S3AccessError(f"download of {info.url} is incomplete: got {size} of {info.size} bytes",
+                            transient=True, code="Incomplete")
+    if check_md5 and md5.hexdigest() != info.etag:
+        raise S3AccessError(f"download of {info.url} does not match its ETag {info.etag}: corrupted in transit",
+                            transient=True, code="BadDigest")
 
 
 def _error_code(exc: BaseException) -> str:
