@@ -28,12 +28,16 @@ class Crafted:
                 status, body, *extra = respond(self.command, self.path)
                 headers = {"Content-Type": "application/xml", "Content-Length": str(len(body)),
                            **(extra[0] if extra else {})}
-                self.send_response(status)
-                for name, value in headers.items():
-                    self.send_header(name, value)
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(body)
+                try:
+                    self.send_response(status)
+                    for name, value in headers.items():
+                        self.send_header(name, value)
+                    self.end_headers()
+                    if self.command != "HEAD":
+                        self.wfile.write(body)
+                except (BrokenPipeError, ConnectionResetError):  # the client gave up first (a timeout test)
+                    self.close_connection = True
+                    return
                 if int(headers["Content-Length"]) != len(body):
                     self.close_connection = True
 

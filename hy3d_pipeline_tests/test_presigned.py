@@ -208,6 +208,20 @@ def test_signature_is_in_no_log_record_and_not_in_the_result(s3_env, s3, monkeyp
             assert secret not in text, (secret, text)
 
 
+def test_generate_command_prints_no_signature(s3_env, s3, monkeypatch, capsys):
+    from hy3d_pipeline.cli import main
+
+    bucket, server = s3_env["bucket"], s3_env["server"]
+    s3.put_object(Bucket=bucket, Key="cat.png", Body=png_bytes())
+    url = presign(server, bucket, "cat.png")
+    drop_credentials(monkeypatch, s3_env["tmp"])
+    assert main(["generate", url, "--format", "stl", "--out", str(s3_env["tmp"] / "cli")]) == 0
+    printed = capsys.readouterr()
+    assert f'"source": "{without_query(url)}"' in printed.out
+    for secret in secrets_of(url):
+        assert secret not in printed.out + printed.err
+
+
 def test_library_log_scrubbing_covers_signing_details_outside_urls():
     canonical = ("GET\n/b/k\nX-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIDLEAK1234%2F20260101"
                  "&X-Amz-Signature=abcdef0123456789\nhost:s3")
@@ -250,16 +264,66 @@ def test_cut_short_or_corrupted_answers_leave_no_temp_file(s3_env, monkeypatch):
         "corrupt.png": (200, body, {"ETag": f'"{hashlib.md5(b"other bytes").hexdigest()}"'}),
         "gone.png": (404, b"<Error><Code>NoSuchKey</Code><Message>The specified key does not exist.</Message></Error>"),
         "busy.png": (503, b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"),
+        "no-bucket.png": (404, b"<Error><Code>NoSuchBucket</Code><Message>The specified bucket does not exist"
+                               b"</Message></Error>"),
     }
     with Crafted(lambda m, p: answers[p.split("?")[0].rsplit("/", 1)[1]]) as endpoint:
         monkeypatch.setenv("S3_ENDPOINT_URL", endpoint.url())
         drop_credentials(monkeypatch, s3_env["tmp"])
         expected = {"short.png": "cut off", "corrupt.png": "does not match its ETag", "gone.png": "object not found",
-                    "busy.png": "unavailable"}
+                    "busy.png": "unavailable", "no-bucket.png": "bucket 'b-crafted' does not exist"}
         for key, words in expected.items():
             url = f"{endpoint.url()}/b-crafted/{key}?X-Amz-Signature=5ec2e75ec2e75ec2e7&X-Amz-Credential=AKIDCRAFTED"
             message = refused(generate_3d_from_image_core(url), "5ec2e75ec2e75ec2e7", "AKIDCRAFTED")
             assert words in message and f"s3://b-crafted/{key}" in message, message
+    assert temp_files(s3_env) == []
+
+
+def test_unreachable_or_silent_endpoint_fails_within_the_download_timeout(s3_env, monkeypatch):
+    import threading
+
+    from hy3d_pipeline_tests.crafted import closed_port
+
+    drop_credentials(monkeypatch, s3_env["tmp"])
+    query = "?X-Amz-Signature=0ff11e0ff11e0ff11e&X-Amz-Credential=AKIDQUIET"
+    down = f"http://127.0.0.1:{closed_port()}"
+    monkeypatch.setenv("S3_ENDPOINT_URL", down)
+    message = refused(generate_3d_from_image_core(f"{down}/b-quiet/cat.png{query}"), "0ff11e0ff11e0ff11e")
+    assert "cannot reach" in message and "s3://b-quiet/cat.png" in message, message
+
+    release = threading.Event()
+
+    def silent(method, path):  # answers only once the test is over: the client must give up first
+        release.wait(30)
+        return 200, png_bytes()
+
+    with Crafted(silent) as srv:
+        monkeypatch.setenv("S3_ENDPOINT_URL", srv.url())
+        monkeypatch.setenv("S3_DOWNLOAD_TIMEOUT", "1")
+        try:
+            message = refused(generate_3d_from_image_core(f"{srv.url()}/b-quiet/cat.png{query}"), "0ff11e0ff11e0ff11e")
+        finally:
+            release.set()
+    assert "timed out" in message and "S3_DOWNLOAD_TIMEOUT" in message and "s3://b-quiet/cat.png" in message, message
+    assert temp_files(s3_env) == []
+
+
+def test_presigned_fetch_goes_through_the_proxy_env(s3_env, monkeypatch):
+    """The endpoint is a closed port: only a request sent through the proxy can be answered."""
+    from hy3d_pipeline_tests.crafted import closed_port
+
+    body = png_bytes()
+    endpoint = f"http://127.0.0.1:{closed_port()}"
+    with Crafted(lambda m, p: (200, body, {"ETag": f'"{hashlib.md5(body).hexdigest()}"'})) as proxy:
+        monkeypatch.setenv("S3_ENDPOINT_URL", endpoint)
+        monkeypatch.setenv("HTTP_PROXY", proxy.url())
+        for name in ("NO_PROXY", "no_proxy", "http_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        drop_credentials(monkeypatch, s3_env["tmp"])
+        url = f"{endpoint}/b-proxied/cat.png?X-Amz-Signature=9a0c9a0c9a0c9a0c9a&X-Amz-Credential=AKIDPROXY"
+        result = generate_3d_from_image_core(url)
+        assert result["status"] == "success", result
+        assert [path for _, path in proxy.requests] == [url]  # the signed URL, sent as given, to the proxy
     assert temp_files(s3_env) == []
 
 

@@ -397,12 +397,14 @@ def without_query(url: str) -> str:
     return url.partition("?")[0].partition("#")[0]
 
 
-@dataclass(frozen=True)
 class _Endpoint:
-    scheme: str
-    host: str
-    port: int
-    prefix: str  # path under which the endpoint serves S3, without the trailing "/"
+    # a plain class, not a dataclass: this module is imported with the package, and @dataclass costs more than
+    # the whole rest of this section
+    __slots__ = ("scheme", "host", "port", "prefix")
+
+    def __init__(self, scheme: str, host: str, port: int, prefix: str) -> None:
+        # prefix: the path under which the endpoint serves S3, without the trailing "/"
+        self.scheme, self.host, self.port, self.prefix = scheme, host, port, prefix
 
     def __str__(self) -> str:
         return f"{self.scheme}://{self.host}:{self.port}{self.prefix}"
