@@ -134,8 +134,9 @@ class S3Store(ObjectStore):
             resp = self.client().get_object(Bucket=info.bucket, Key=info.key, IfMatch=f'"{info.etag}"')
         except Exception as exc:  # noqa: BLE001
             raise self._fail(exc, info.bucket, info.key) from exc
-        write_checked(resp["Body"].iter_chunks(CHUNK_BYTES), info, out, deadline, check_md5=etag_is_md5(info.etag, resp),
-                      timeout_s=self.download_timeout, fail=lambda exc: self._fail(exc, info.bucket, info.key))
+        write_checked(resp["Body"].iter_chunks(CHUNK_BYTES), info, out, deadline,
+                      check_md5=etag_is_md5(info.etag, resp), timeout_s=self.download_timeout,
+                      fail=lambda exc: self._fail(exc, info.bucket, info.key))
 
     def fetch_presigned(self, url: str, location: S3Location, out: BinaryIO, deadline: float) -> ObjectInfo:
         """Write the object of the presigned `url` to `out` with the URL's own signature (no credentials of
