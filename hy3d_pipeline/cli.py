@@ -1,4 +1,5 @@
-"""The `hy3d-pipeline` command: `demo`, `dev`, `worker`, `generate` for one image, `report`, and `fetch-weights`."""
+"""The `hy3d-pipeline` command: `demo`, `dev`, `worker`, `upload`, `generate` for one image, `report`, and
+`fetch-weights`."""
 
 from __future__ import annotations
 
@@ -18,6 +19,9 @@ def main(argv: list[str] | None = None) -> int:
     worker.add_argument("--concurrency", "-c", type=int, default=1,
                         help="pool processes, each with its own warm generator (one per GPU): default %(default)s")
     worker.add_argument("--loglevel", default="INFO")
+    upload = sub.add_parser("upload", help="put image files and folders into the images bucket (embedded or configured)")
+    upload.add_argument("paths", nargs="+", metavar="PATH", help="image files, and folders to walk")
+    upload.add_argument("--prefix", default="", help="key prefix under S3_IMAGES_PREFIX (default: none)")
     gen = sub.add_parser("generate", help="generate one model from a local path or S3 URL")
     gen.add_argument("image")
     gen.add_argument("--format", default="glb", choices=["glb", "obj", "ply", "stl"])
@@ -35,14 +39,18 @@ def main(argv: list[str] | None = None) -> int:
     fetch.add_argument("--no-rembg", action="store_true", help="skip the background-removal model")
     args = parser.parse_args(argv)
 
-    if args.command == "demo":
-        from hy3d_pipeline.embedded.demo import run_demo
+    if args.command in ("demo", "dev", "report"):
+        from hy3d_pipeline.embedded.seaweedfs import EmbeddedS3Error
 
-        return run_demo()
-    if args.command == "dev":
-        from hy3d_pipeline.embedded.dev import run_dev
+        try:
+            return _embedded_command(args)
+        except EmbeddedS3Error as exc:  # the embedded S3 would not start, or another command runs it
+            print(f"{args.command} failed: {exc}", file=sys.stderr)
+            return 1
+    if args.command == "upload":
+        from hy3d_pipeline.upload import run_upload
 
-        return run_dev(args.host, args.port)
+        return run_upload(args.paths, args.prefix)
     if args.command == "worker":
         from hy3d_pipeline.fleet.workers import run_worker
 
@@ -58,10 +66,6 @@ def main(argv: list[str] | None = None) -> int:
                                              output_dir=args.out)
         print(json.dumps(result, indent=2))
         return 0 if result["status"] == "success" else 1
-    if args.command == "report":
-        from hy3d_pipeline.report import run_report
-
-        return run_report(args.out, prefix=args.prefix, backfill_id=args.backfill)
     if args.command == "fetch-weights":
         from hy3d_pipeline.models.resources import GeneratorResource
         from hy3d_pipeline.models.weights import WeightsError, fetch_weights
@@ -73,6 +77,20 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         return 0
     return 2
+
+
+def _embedded_command(args) -> int:
+    if args.command == "demo":
+        from hy3d_pipeline.embedded.demo import run_demo
+
+        return run_demo()
+    if args.command == "dev":
+        from hy3d_pipeline.embedded.dev import run_dev
+
+        return run_dev(args.host, args.port)
+    from hy3d_pipeline.report import run_report
+
+    return run_report(args.out, prefix=args.prefix, backfill_id=args.backfill)
 
 
 if __name__ == "__main__":

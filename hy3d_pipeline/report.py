@@ -23,7 +23,7 @@ import html
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 from urllib.parse import quote
 
 STATUS_ORDER = ("failed", "error", "warning", "pending", "ok")
@@ -84,8 +84,9 @@ def _backfill_partitions(instance, backfill_id: str) -> list[str]:
     return list(keys)
 
 
-def collect(instance, storage, partitions: Iterable[str]) -> list[Entry]:
-    """What the instance knows about each partition, with the model pictures read from S3."""
+def collect(instance, storage, partitions: Iterable[str], progress: Callable[[int], None] | None = None) -> list[Entry]:
+    """What the instance knows about each partition, with the model pictures read from S3. `progress(1)` is
+    called after each partition."""
     from dagster import AssetCheckKey, AssetRecordsFilter
     from dagster._core.event_api import PartitionKeyFilter
 
@@ -137,6 +138,8 @@ def collect(instance, storage, partitions: Iterable[str]) -> list[Entry]:
             if local:
                 entry.input_inline = _inline_source(local[0].asset_materialization.metadata.get("thumbnail"))
         entries.append(entry)
+        if progress is not None:
+            progress(1)
     return entries
 
 
@@ -166,20 +169,27 @@ def failed_partitions(instance, wanted: set[str]) -> dict[str, tuple[int, str, f
     return found
 
 
-def fetch_thumbnails(storage, entries: list[Entry], folder: Path) -> None:
-    """Copy each model's picture from S3 into `folder`; entries without one keep their inline preview."""
+def has_picture_to_fetch(entry: Entry) -> bool:
+    return bool(entry.thumbnail_url) and entry.status != "failed"
+
+
+def fetch_thumbnails(storage, entries: list[Entry], folder: Path, progress: Callable[[int], None] | None = None) -> None:
+    """Copy each model's picture from S3 into `folder`; entries without one keep their inline preview.
+    `progress(1)` is called after each picture fetched (or found missing)."""
     from hy3d_pipeline.storage.base import StorageError
     from hy3d_pipeline.s3.urls import S3UrlError, parse_s3_url
 
     folder.mkdir(parents=True, exist_ok=True)
     for entry in entries:
-        if not entry.thumbnail_url or entry.status == "failed":
+        if not has_picture_to_fetch(entry):
             continue
         try:
             where = parse_s3_url(entry.thumbnail_url)
             body = storage.read(where.bucket, where.key)
         except (StorageError, S3UrlError):
             body = None
+        if progress is not None:
+            progress(1)
         if body and body.startswith(b"\x89PNG\r\n\x1a\n"):
             name = hashlib.sha256(entry.partition.encode()).hexdigest()[:20] + ".png"
             (folder / name).write_bytes(body)
@@ -214,11 +224,13 @@ def run_report(out_dir: str, prefix: str = "", backfill_id: str | None = None, o
     from dagster import DagsterInstance
 
     from hy3d_pipeline.embedded import setup
+    from hy3d_pipeline.progress import REPORT_DELAY_S, Bar
     from hy3d_pipeline.storage.resources import NO_BUCKET, ImageStorage
 
     with contextlib.ExitStack() as stack:
-        if not setup.s3_configured():
-            server = setup.start_embedded_s3()
+        # a dev running from this folder already serves the embedded S3: use it, never a second server on its data
+        if not setup.s3_configured() and setup.use_running_s3() is None:
+            server = setup.start_embedded_s3(out=out)
             stack.callback(server.stop)
         setup.prepare_dagster_home()
         # the embedded default set S3_IMAGES_BUCKET above; a configured S3 without one gets no guessed bucket
@@ -232,9 +244,13 @@ def run_report(out_dir: str, prefix: str = "", backfill_id: str | None = None, o
         except ValueError as exc:
             out(f"report failed: {exc}")
             return 1
-        entries = collect(instance, storage, partitions)
+        # bars on stderr, on a terminal only, and only once the work has lasted REPORT_DELAY_S
+        with Bar(len(partitions), "reading the Dagster history", unit="image", delay=REPORT_DELAY_S) as bar:
+            entries = collect(instance, storage, partitions, progress=bar.advance)
         folder = Path(out_dir).absolute()
-        fetch_thumbnails(storage, entries, folder / "thumbs")
+        with Bar(sum(map(has_picture_to_fetch, entries)), "fetching model pictures", unit="picture",
+                 delay=REPORT_DELAY_S) as bar:
+            fetch_thumbnails(storage, entries, folder / "thumbs", progress=bar.advance)
         scope = f"backfill {backfill_id}" if backfill_id else (f"prefix {prefix!r}" if prefix else "all images")
         source = (f"{scope} of s3://{storage.images_bucket}/{storage.images_prefix}; history from the Dagster "
                   f"instance at {instance.root_directory}; written "

@@ -147,3 +147,35 @@ def test_report_command(storage, s3, batch, tmp_path, monkeypatch, capsys):
     # an endpoint is configured (the test S3): each model also gets a plain http link
     assert f'href="{storage.endpoint_url}/{batch}/models/good/box.png.glb"' in text
     assert "AWS_SECRET_ACCESS_KEY" not in text and storage.client()._request_signer._credentials.secret_key not in text
+
+
+def test_report_command_draws_progress_bars_on_a_terminal_only(storage, s3, batch, tmp_path, monkeypatch, capsys):
+    import os
+    import pty
+    import sys
+
+    from hy3d_pipeline import progress
+
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    with DagsterInstance.get() as instance:
+        run_sensor_once(instance)
+    monkeypatch.setattr(progress, "REPORT_DELAY_S", 0)  # draw at once: this report is short
+    master, slave = pty.openpty()
+    terminal = os.fdopen(slave, "w")
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(sys, "stderr", terminal)
+            assert main(["report", "--out", str(tmp_path / "tty")]) == 0
+        terminal.flush()
+        os.set_blocking(master, False)
+        drawn = os.read(master, 1 << 20).decode("utf-8", "replace")
+    finally:
+        terminal.close()
+        os.close(master)
+    assert "reading the Dagster history:" in drawn and "0/4" in drawn
+    assert "fetching model pictures:" in drawn and "/2" in drawn  # the two models; failed images have none
+    assert main(["report", "--out", str(tmp_path / "plain")]) == 0
+    captured = capsys.readouterr()
+    assert "reading the Dagster history" not in captured.err + captured.out and "%|" not in captured.err
+    assert "report of 4 image(s) (2 failed)" in captured.out

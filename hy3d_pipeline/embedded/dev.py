@@ -9,6 +9,7 @@ default handler restored and in its own session; on exit we signal it by pid, th
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import subprocess
@@ -38,9 +39,13 @@ def stop_process(proc: subprocess.Popen, timeout: float = 20.0) -> None:
     proc.wait()
 
 
-def run_dev(host: str = "127.0.0.1", port: int = 3000, out=print) -> int:
+# flushed: the endpoint and upload lines must reach a log file (or a test reading it) while dev runs
+_say = functools.partial(print, flush=True)
+
+
+def run_dev(host: str = "127.0.0.1", port: int = 3000, out=_say) -> int:
     with contextlib.ExitStack() as stack:
-        home = setup.enter_embedded_default(stack, out)
+        home = setup.enter_embedded_default(stack, out, drop_in=True)
         out(f"Dagster UI: http://{host}:{port}  (DAGSTER_HOME={home}); Ctrl-C stops everything")
         proc = subprocess.Popen(
             [sys.executable, "-m", "dagster", "dev", "-m", "hy3d_pipeline", "-h", host, "-p", str(port)],

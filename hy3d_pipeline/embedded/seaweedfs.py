@@ -2,13 +2,16 @@
 
 It is the embedded default (`hy3d-pipeline demo` / `dev`) and the real S3 the test-suite runs against, so both
 exercise the same code. Every port is chosen explicitly (weed otherwise opens fixed-number side ports that
-collide between two servers) and bound to loopback only.
+collide between two servers) and bound to loopback only. Its telemetry is switched off: by default weed's master
+reports cluster statistics to telemetry.seaweedfs.com, and nothing the embedded default starts may contact
+anything beyond 127.0.0.1.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import random
 import secrets
 import shutil
 import signal
@@ -53,6 +56,48 @@ def free_ports(count: int) -> list[int]:
     return ports
 
 
+def port_is_free(port: int) -> bool:
+    """Whether a server could listen on HOST:port now. SO_REUSEADDR as weed (Go) sets it, so connections of a
+    server that just stopped (TIME_WAIT) do not count as taking the port."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((HOST, port))
+        except OSError:
+            return False
+    return True
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def lasting_free_port() -> int:
+    """A free port meant to be kept across restarts: below the kernel's ephemeral range, where the local end of
+    an outgoing connection never lands, so it is still free when the server starts again."""
+    low, _high = _ephemeral_range()
+    if low > 20000:
+        for _ in range(200):
+            port = random.randrange(20000, low)
+            if port_is_free(port):
+                return port
+    return free_ports(1)[0]
+
+
+def client_env(endpoint_url: str, access_key: str, secret_key: str) -> dict[str, str]:
+    """Environment that points the pipeline (and any AWS SDK) at a server of ours."""
+    return {
+        "S3_ENDPOINT_URL": endpoint_url,
+        "AWS_ACCESS_KEY_ID": access_key,
+        "AWS_SECRET_ACCESS_KEY": secret_key,
+        "S3_REGION": "us-east-1",
+    }
+
+
 @dataclass
 class SeaweedS3:
     """One running `weed mini`. Use as a context manager, or call start()/stop()."""
@@ -70,16 +115,12 @@ class SeaweedS3:
 
     def client_env(self) -> dict[str, str]:
         """Environment that points the pipeline (and any AWS SDK) at this server."""
-        return {
-            "S3_ENDPOINT_URL": self.endpoint_url,
-            "AWS_ACCESS_KEY_ID": self.access_key,
-            "AWS_SECRET_ACCESS_KEY": self.secret_key,
-            "S3_REGION": "us-east-1",
-        }
+        return client_env(self.endpoint_url, self.access_key, self.secret_key)
 
     def start(self, timeout: float = 30.0) -> "SeaweedS3":
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        s3, master, volume, filer, admin, *grpc = free_ports(10)
+        # a requested S3 port is free now, so the kernel may hand it out again: never twice
+        s3, master, volume, filer, admin, *grpc = [p for p in free_ports(11) if p != self.port][:10]
         self.port = self.port or s3
         args = [
             weed_binary(), "mini", f"-dir={self.data_dir}", f"-ip={HOST}", f"-ip.bind={HOST}",
@@ -88,6 +129,7 @@ class SeaweedS3:
             f"-volume.port={volume}", f"-volume.port.grpc={grpc[2]}",
             f"-filer.port={filer}", f"-filer.port.grpc={grpc[3]}",
             f"-admin.port={admin}", f"-admin.port.grpc={grpc[4]}", "-admin.ui=false", "-webdav=false",
+            "-master.telemetry=false",
         ]
         env = {**os.environ, "AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key}
         self.log_path = self.log_path or self.data_dir.parent / f"{self.data_dir.name}.log"
