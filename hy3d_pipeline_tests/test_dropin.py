@@ -151,6 +151,18 @@ def test_upload_from_the_dev_folder_needs_nothing_exported(dev, tmp_path):
     assert s3.head_object(Bucket=BUCKET, Key="batch1/shoots/day2/box.JPG")["ContentType"] == "image/jpeg"
 
 
+def test_report_from_the_dev_folder_reads_the_running_dev_s3(dev, tmp_path):
+    weed = weed_process(dev.folder)
+    done = subprocess.run([sys.executable, "-m", "hy3d_pipeline.cli", "report", "--out", str(tmp_path / "gallery")],
+                          cwd=dev.folder, env=bare_env(), capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert re.search(r"report of \d+ image\(s\) \(0 failed\)", done.stdout), done.stdout
+    assert len(list((tmp_path / "gallery" / "thumbs").glob("*.png"))) >= 5  # the samples' pictures, from dev's S3
+    # a server of its own would have found dev's port taken and said so (or been refused on dev's data)
+    assert "is taken" not in done.stdout and "already running" not in done.stderr
+    assert weed.is_running() and weed_process(dev.folder).pid == weed.pid
+
+
 def test_endpoint_is_the_same_after_a_restart_and_upload_knows_when_dev_is_gone(dev, tmp_path):
     before = printed(dev)
     assert dev.stop() is not None
