@@ -6,6 +6,7 @@ the model is loaded inside runs.
 
 from dagster import Definitions, in_process_executor
 
+from hy3d_pipeline.client_api import client_requests, image_to_model_job
 from hy3d_pipeline.fleet.sensors import dead_runs_sensor
 from hy3d_pipeline.images.sensors import new_images_sensor
 from hy3d_pipeline.models.assets import image_to_model
@@ -27,7 +28,8 @@ def build_defs() -> Definitions:
     storage = ImageStorage.from_env()
     return Definitions(
         assets=[image_to_model],
-        sensors=[new_images_sensor, dead_runs_sensor],
+        jobs=[image_to_model_job],
+        sensors=[new_images_sensor, dead_runs_sensor, client_requests],
         resources={"storage": storage, "generator": GeneratorResource.from_env()},
         # a batch run is one step: a process per step would cost more than the work (measured: 0.2 s vs seconds)
         executor=in_process_executor,

@@ -158,6 +158,12 @@ class Settings:
                                   "before run monitoring fails it", section="fleet", minimum=1)
     run_retries: int = _var("HY3D_RUN_RETRIES", 2, "retries of a run whose worker died", section="fleet",
                             minimum=0)
+    # ---- web apps (hy3d_pipeline.client) ---------------------------------------------------------------------
+    dagster_url: str = _var("HY3D_DAGSTER_URL", "http://127.0.0.1:3000", "the Dagster webserver "
+                            "`hy3d_pipeline.client` talks to (read in the web app)", section="client")
+    download_url_seconds: int = _var("HY3D_DOWNLOAD_URL_SECONDS", 3600, "how long the presigned `download_url` "
+                                     "of `client.result()` stays valid (read in the code location)",
+                                     section="client", minimum=1)
 
     # ---- derived values ----------------------------------------------------------------------------------------
     @property
@@ -283,7 +289,7 @@ def secret_values() -> list[str]:
 
 _SECTIONS = {
     "storage": "Storage", "images": "Images", "generation": "Generation", "sensor": "Runs and the sensor",
-    "fleet": "The Dagster home and the fleet",
+    "fleet": "The Dagster home and the fleet", "client": "Web apps (`hy3d_pipeline.client`)",
 }
 
 

@@ -76,15 +76,51 @@ class DevProcess:
         self._log.close()
         return self.proc.returncode
 
-    def graphql(self, query: str) -> dict:
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def graphql(self, query: str, variables: dict | None = None) -> dict:
         req = urllib.request.Request(f"http://127.0.0.1:{self.port}/graphql",
-                                     data=json.dumps({"query": query}).encode(),
+                                     data=json.dumps({"query": query, "variables": variables or {}}).encode(),
                                      headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(req, timeout=30) as resp:
                 return json.load(resp)["data"]
         except urllib.error.HTTPError as exc:
             raise RuntimeError(f"GraphQL answered {exc.code}: {exc.read()[:2000]!r}") from None
+
+    def sensor_selector(self, name: str = "new_images_sensor") -> dict[str, str]:
+        nodes = self.graphql("{ repositoriesOrError { ... on RepositoryConnection { nodes { name location { name } "
+                             "sensors { name } } } } }")["repositoriesOrError"]["nodes"]
+        node = next(n for n in nodes if name in {s["name"] for s in n["sensors"]})
+        return {"repositoryLocationName": node["location"]["name"], "repositoryName": node["name"], "sensorName": name}
+
+    def sensor_state(self, name: str = "new_images_sensor") -> dict:
+        """The sensor's origin and selector ids, status, and its latest ticks (newest first)."""
+        data = self.graphql("query($s: SensorSelector!) { sensorOrError(sensorSelector: $s) { ... on Sensor { "
+                            "jobOriginId sensorState { selectorId status ticks(limit: 20) { status timestamp } } } } }",
+                            {"s": self.sensor_selector(name)})["sensorOrError"]
+        return {"origin": data["jobOriginId"], **data["sensorState"]}
+
+    def stop_sensor(self, name: str = "new_images_sensor") -> None:
+        """Stop the sensor and wait until no tick of it is under way."""
+        state = self.sensor_state(name)
+        self.graphql("mutation($o: String, $s: String) { stopSensor(jobOriginId: $o, jobSelectorId: $s) { "
+                     "__typename } }", {"o": state["origin"], "s": state["selectorId"]})
+        wait_for(lambda: all(t["status"] != "STARTED" for t in self.sensor_state(name)["ticks"]), 60,
+                 f"the last tick of {name} to end")
+
+    def start_sensor(self, name: str = "new_images_sensor") -> float:
+        """Start the sensor; returns the time it was started (compare with tick timestamps)."""
+        started = time.time()
+        self.graphql("mutation($s: SensorSelector!) { startSensor(sensorSelector: $s) { __typename } }",
+                     {"s": self.sensor_selector(name)})
+        return started
+
+    def ticks_since(self, when: float, name: str = "new_images_sensor") -> int:
+        """How many ticks of the sensor began after `when` and have ended."""
+        return sum(t["timestamp"] > when and t["status"] != "STARTED" for t in self.sensor_state(name)["ticks"])
 
     def partitions(self) -> dict[str, list[str]]:
         data = self.graphql("{ assetNodes { assetKey { path } partitionKeys } }")

@@ -63,13 +63,14 @@ def test_current_parses_again_only_when_a_variable_changes(monkeypatch):
 
 
 def test_code_location_refuses_a_bad_value_when_it_loads():
-    """The whole code location (what `dagster dev` loads) fails at once, naming the variable."""
+    """The whole code location (what `dagster dev` loads: the module's `defs`, built on first access) fails at
+    once, naming the variable."""
     env = {**os.environ, "HY3D_BATCH_SIZE": "abc", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-c", "import hy3d_pipeline"], env=env, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", "import hy3d_pipeline; hy3d_pipeline.defs"], env=env, capture_output=True, text=True,
                           cwd=ROOT, timeout=120)
     assert proc.returncode != 0 and "HY3D_BATCH_SIZE='abc': expected a whole number" in proc.stderr
     env = {**os.environ, "HY3D_GENERATOR": "nope", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-c", "import hy3d_pipeline"], env=env, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", "import hy3d_pipeline; hy3d_pipeline.defs"], env=env, capture_output=True, text=True,
                           cwd=ROOT, timeout=120)
     assert proc.returncode != 0 and "HY3D_GENERATOR='nope'" in proc.stderr and "extrude" in proc.stderr
 

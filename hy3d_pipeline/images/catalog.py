@@ -9,7 +9,8 @@ A row records the tick sequence number that wrote it. Rows written by a tick who
 (the daemon died between evaluating the sensor and submitting its runs) carry a sequence number above the
 committed cursor's, and are treated as not yet requested, so such a crash loses nothing. A row also counts
 the runs requested for its ETag, so that images whose run failed are requested again a bounded number of times
-(`retries`). Tick numbers never go
+(`retries`). A row can also say that a run of `hy3d_pipeline.client` has the image (see `submitted`): with one
+attempt once that run exists, with none while the submission is still under way. Tick numbers never go
 back: the highest one written is kept too, and a sensor whose cursor was reset (in the UI) numbers its ticks
 above it, or every row written before the reset would look uncommitted once the cursor is committed again.
 """
@@ -30,6 +31,7 @@ class Row(NamedTuple):
     seq: int  # the tick that wrote the row
     attempts: int = 1  # runs requested for this ETag so far
     gave_up: bool = False  # attempts exhausted: a failure was recorded, nothing more is requested
+    client: bool = False  # left to a client submission (attempts 0 until its run is seen, then 1)
 
     @classmethod
     def parse(cls, value: str) -> "Row":
@@ -37,10 +39,33 @@ class Row(NamedTuple):
         etag, _, rest = value.partition("|")
         seq, _, rest = rest.partition("|")
         attempts, _, state = rest.partition("|")
-        return cls(etag, int(seq or 0), int(attempts or 1), state == "gave_up")
+        return cls(etag, int(seq or 0), int(attempts or 1), state == "gave_up", state == "client")
 
     def dump(self) -> str:
-        return f"{self.etag}|{self.seq}|{self.attempts}|{'gave_up' if self.gave_up else ''}"
+        state = "gave_up" if self.gave_up else "client" if self.client else ""
+        return f"{self.etag}|{self.seq}|{self.attempts}|{state}"
+
+
+def get_values(storage, keys: Iterable[str]) -> dict[str, str]:
+    """Key-value rows of the run storage, for the keys that have one."""
+    keys = list(keys)
+    found: dict[str, str] = {}
+    for i in range(0, len(keys), _CHUNK):
+        found.update(storage.get_cursor_values(set(keys[i:i + _CHUNK])))
+    return found
+
+
+def put_values(storage, values: Mapping[str, str]) -> None:
+    """Write key-value rows of the run storage, new and existing ones alike."""
+    items = list(values.items())
+    for i in range(0, len(items), _CHUNK):
+        chunk = dict(items[i:i + _CHUNK])
+        existing = storage.get_cursor_values(set(chunk))
+        # set_cursor_values inserts, and only on a conflict updates: give it new and old rows separately
+        for part in ({k: v for k, v in chunk.items() if k not in existing},
+                     {k: v for k, v in chunk.items() if k in existing}):
+            if part:
+                storage.set_cursor_values(part)
 
 
 class RequestedImages:
@@ -50,32 +75,19 @@ class RequestedImages:
 
     def get(self, partition_keys: Iterable[str]) -> dict[str, Row]:
         """partition key -> its row, for the keys that have one."""
-        keys = [self._ns + k for k in partition_keys]
-        found: dict[str, Row] = {}
-        for i in range(0, len(keys), _CHUNK):
-            for row_key, value in self._storage.get_cursor_values(set(keys[i:i + _CHUNK])).items():
-                found[row_key[len(self._ns):]] = Row.parse(value)
-        return found
+        values = get_values(self._storage, (self._ns + k for k in partition_keys))
+        return {row_key[len(self._ns):]: Row.parse(value) for row_key, value in values.items()}
 
     def high_seq(self) -> int:
         """The highest tick number any row was written with (0 when none)."""
         return int(self._storage.get_cursor_values({_HIGH}).get(_HIGH) or 0)
 
     def set(self, etags: Mapping[str, str], seq: int, attempts: Mapping[str, int] | None = None,
-            gave_up: Iterable[str] = ()) -> None:
+            gave_up: Iterable[str] = (), client: Iterable[str] = ()) -> None:
         """Record `etags` as requested by tick `seq` (attempt 1 unless `attempts` says otherwise); keys in
-        `gave_up` are recorded as given up after their attempts."""
-        attempts, gave_up = attempts or {}, set(gave_up)
+        `gave_up` are recorded as given up after their attempts, keys in `client` as left to a client run."""
+        attempts, gave_up, client = attempts or {}, set(gave_up), set(client)
         if seq > self.high_seq():
-            self._storage.set_cursor_values({_HIGH: str(seq)})
-        items = list(etags.items())
-        for i in range(0, len(items), _CHUNK):
-            chunk = dict(items[i:i + _CHUNK])
-            existing = self.get(chunk)
-            # set_cursor_values inserts, and only on a conflict updates: give it new and old rows separately
-            text = {k: Row(v, seq, attempts.get(k, 1), k in gave_up).dump() for k, v in chunk.items()}
-            fresh = {self._ns + k: t for k, t in text.items() if k not in existing}
-            known = {self._ns + k: t for k, t in text.items() if k in existing}
-            for part in (fresh, known):
-                if part:
-                    self._storage.set_cursor_values(part)
+            put_values(self._storage, {_HIGH: str(seq)})
+        put_values(self._storage, {self._ns + k: Row(v, seq, attempts.get(k, 1), k in gave_up, k in client).dump()
+                                   for k, v in etags.items()})

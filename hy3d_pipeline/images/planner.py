@@ -31,7 +31,8 @@ from hy3d_pipeline.images.partitions import (
     RANGE_START_TAG,
     images_partitions,
 )
-from hy3d_pipeline.images.retries import SENSOR_NAME, SENSOR_TAG, TICK_TAG, unfinished
+from hy3d_pipeline.images.retries import PARTITION_TAG, SENSOR_NAME, SENSOR_TAG, TICK_TAG, unfinished
+from hy3d_pipeline.images.submitted import claimed, under_way
 from hy3d_pipeline.settings import current
 
 SHARDS = 2048
@@ -68,6 +69,7 @@ class Cursor:
     reconciled_at: float = 0.0  # event mode: when the last full listing ran
     pending: list[int] = field(default_factory=list)  # event mode: ticks whose queue messages await deletion
     runs_after: float = 0.0  # retries: runs that ended unfinished after this are looked at
+    claims_after: float = 0.0  # client runs created after this are looked at (see `submitted`)
 
     @classmethod
     def load(cls, raw: str | None) -> "Cursor | None":
@@ -78,13 +80,14 @@ class Cursor:
         shards = [int.from_bytes(blob[i:i + 8], "big") for i in range(0, len(blob), 8)]
         return cls(seq=int(data.get("seq", 0)), shards=shards if len(shards) == SHARDS else [],
                    reconciled_at=float(data.get("reconciled_at", 0)), pending=list(data.get("pending", [])),
-                   runs_after=float(data.get("runs_after", 0)))
+                   runs_after=float(data.get("runs_after", 0)), claims_after=float(data.get("claims_after", 0)))
 
     def dump(self) -> str:
         blob = b"".join(v.to_bytes(8, "big") for v in self.shards)
         return json.dumps({"v": 2, "seq": self.seq, "shards": base64.b64encode(blob).decode(),
                            "reconciled_at": self.reconciled_at, "pending": self.pending,
-                           "runs_after": self.runs_after}, separators=(",", ":"))
+                           "runs_after": self.runs_after, "claims_after": self.claims_after},
+                          separators=(",", ":"))
 
 
 def contiguous_batches(keys: Iterable[str], order: Sequence[str], size: int) -> list[list[str]]:
@@ -99,6 +102,13 @@ def contiguous_batches(keys: Iterable[str], order: Sequence[str], size: int) -> 
     return batches
 
 
+def partition_tags(batch: list[str]) -> dict[str, str]:
+    """The tags that make a run cover `batch` (contiguous in the partition order): its key, or its range."""
+    if len(batch) == 1:
+        return {PARTITION_TAG: batch[0]}
+    return {RANGE_START_TAG: batch[0], RANGE_END_TAG: batch[-1], "hy3d/batch_size": str(len(batch))}
+
+
 def run_request_for(batch: list[str], etags: dict[str, str], seq: int = 0,
                     attempts: dict[str, int] | None = None) -> RunRequest:
     attempts = attempts or {}
@@ -111,11 +121,8 @@ def run_request_for(batch: list[str], etags: dict[str, str], seq: int = 0,
     if len(batch) == 1:
         return RunRequest(run_key=f"images-{digest}", asset_selection=PIPELINE_ASSETS, partition_key=batch[0],
                           tags=tags)
-    return RunRequest(
-        run_key=f"images-{digest}",
-        asset_selection=PIPELINE_ASSETS,
-        tags={**tags, RANGE_START_TAG: batch[0], RANGE_END_TAG: batch[-1], "hy3d/batch_size": str(len(batch))},
-    )
+    return RunRequest(run_key=f"images-{digest}", asset_selection=PIPELINE_ASSETS,
+                      tags={**tags, **partition_tags(batch)})
 
 
 def existing_partitions(instance, keys: list[str]) -> list[str]:
@@ -156,6 +163,7 @@ class Plan:
     deleted: list[str] = field(default_factory=list)
     retried: list[str] = field(default_factory=list)
     gave_up: dict[str, dict] = field(default_factory=dict)
+    submitted: list[str] = field(default_factory=list)  # left to hy3d_pipeline.client's runs (see `submitted`)
 
 
 def plan_tick(instance, cursor: Cursor | None, observed: Observed, size: int, limit: int | None = None) -> Plan:
@@ -165,6 +173,7 @@ def plan_tick(instance, cursor: Cursor | None, observed: Observed, size: int, li
     next_cursor = Cursor(seq=seq, shards=list(cursor.shards) if cursor else [],
                          reconciled_at=cursor.reconciled_at if cursor else 0.0,
                          runs_after=cursor.runs_after if cursor else 0.0)
+    claims, next_cursor.claims_after = claimed(instance, cursor.claims_after if cursor else 0.0)
     etags = observed.etags
     if observed.complete:
         existing = instance.get_dynamic_partitions(IMAGES_PARTITIONS_NAME)
@@ -187,28 +196,37 @@ def plan_tick(instance, cursor: Cursor | None, observed: Observed, size: int, li
 
     def settled(key: str) -> bool:
         row = rows.get(key)
-        return row is not None and row[0] == etags[key] and (committed_seq is None or row[1] <= committed_seq)
+        return (row is not None and row.etag == etags[key] and (committed_seq is None or row.seq <= committed_seq)
+                and not (row.client and row.attempts == 0))  # a submission not yet seen launched: look again
+
+    def look_again(keys: Iterable[str]) -> None:
+        if next_cursor.shards:  # their shards must be looked at again next tick
+            for key in keys:
+                next_cursor.shards[shard_of(key)] = 0 if next_cursor.shards[shard_of(key)] else 1
 
     todo = sorted({k for k in candidates if not settled(k)} | {k for k in etags if k not in existing_set})
+    # launched by hy3d_pipeline.client at the ETag listed: requested already, by that run
+    submitted = {k for k in todo if claims.get(k) == etags[k]}
+    if submitted:
+        catalog.set({k: etags[k] for k in submitted}, seq, client=submitted)
+        todo = [k for k in todo if k not in submitted]
     deleted = sorted(k for k in gone if rows.get(k, ("",))[0] != DELETED and (k in existing_set or k in rows))
     limit = limit or current().sensor_max_images
     deferred = todo[limit:]
     todo = todo[:limit]
-    if deferred and next_cursor.shards:
-        for key in deferred:  # their shards must be looked at again next tick: resume exactly here
-            next_cursor.shards[shard_of(key)] = 0 if next_cursor.shards[shard_of(key)] else 1
+    look_again(deferred)  # resume exactly here
 
     now = time.time()
     retry = unfinished(instance, catalog, committed_seq, next_cursor.runs_after, now,
                        lambda: existing if observed.complete else instance.get_dynamic_partitions(IMAGES_PARTITIONS_NAME))
     next_cursor.runs_after = retry.runs_after
     # a key whose listing or event says something newer goes through the ordinary path above
-    skip = set(todo) | set(deleted) | set(deferred) | gone
+    skip = set(todo) | set(deleted) | set(deferred) | gone | submitted
     due = {k: v for k, v in retry.due.items()
            if k not in skip and etags.get(k, v[0]) == v[0] and (not observed.complete or k in existing_set)}
     gave_up = {k: v for k, v in retry.gave_up.items() if k not in skip and etags.get(k, v["etag"]) == v["etag"]}
     if not todo and not deleted and not due and not gave_up:
-        return Plan(None, next_cursor, [], len(deferred))
+        return Plan(None, next_cursor, [], len(deferred), submitted=sorted(submitted))
 
     attempts = {k: n for k, (_, n) in due.items()}
     known = existing_set | set(due)
@@ -217,6 +235,12 @@ def plan_tick(instance, cursor: Cursor | None, observed: Observed, size: int, li
     catalog.set({**{k: etags[k] for k in todo}, **{k: DELETED for k in deleted},
                  **{k: v["etag"] for k, v in gave_up.items()}}, seq,
                 attempts={**attempts, **{k: v["attempts"] for k, v in gave_up.items()}}, gave_up=gave_up)
+    # rows first, then the submissions under way: this tick and a client cannot both miss each other (submitted.py)
+    yielded = under_way(instance, {k: etags[k] for k in todo}, now)
+    if yielded:
+        catalog.set({k: etags[k] for k in yielded}, seq, attempts={k: 0 for k in yielded}, client=yielded)
+        todo = [k for k in todo if k not in yielded]
+        look_again(yielded)  # until the client's run is seen, or its submission is too old to launch one
     new_keys = [k for k in todo if k not in known]
     size = burst_batch_size(len(todo), size)
     if observed.complete:
@@ -240,4 +264,5 @@ def plan_tick(instance, cursor: Cursor | None, observed: Observed, size: int, li
                        for i in range(0, len(present), _ADD_CHUNK)]
     result = SensorResult(run_requests=runs, dynamic_partitions_requests=partitions, asset_events=events,
                           cursor=next_cursor.dump())
-    return Plan(result, next_cursor, todo, len(deferred), deleted, sorted(due), gave_up)
+    return Plan(result, next_cursor, todo, len(deferred), deleted, sorted(k for k in due if k in todo), gave_up,
+                sorted(submitted | yielded))

@@ -41,7 +41,8 @@ class Retries:
     runs_after: float = 0.0  # the next tick looks at runs updated after this
 
 
-def _keys_of(tags: dict, order: Callable[[], list[str]]) -> list[str]:
+def keys_of(tags: dict, order: Callable[[], list[str]]) -> list[str]:
+    """The partition keys a run covers, by its tags (`order`: the partition keys in order, for a range)."""
     if tags.get(PARTITION_TAG):
         return [tags[PARTITION_TAG]]
     start, end = tags.get(RANGE_START_TAG), tags.get(RANGE_END_TAG)
@@ -86,7 +87,7 @@ def unfinished(instance, catalog: RequestedImages, committed_seq: int | None, ru
         if tags.get(WILL_RETRY_TAG) == "true" or not str(tags.get(TICK_TAG, "")).isdigit():
             continue
         ended = record.update_timestamp.timestamp()
-        for key in _keys_of(tags, cached_order):
+        for key in keys_of(tags, cached_order):
             if key not in latest or latest[key][2] < ended:
                 latest[key] = (int(tags[TICK_TAG]), record.dagster_run.run_id, ended)
 

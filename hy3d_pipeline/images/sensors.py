@@ -135,7 +135,8 @@ def new_images_sensor(context: SensorEvaluationContext, storage: ImageStorage):
                             f"{failure['attempts']} run(s), the last {failure['last_run_id']}")
     context.log.info(f"{seen}: {len(plan.requested)} requested in {len(plan.result.run_requests)} run(s) "
                      f"({len(plan.retried)} again after an unfinished run), {plan.deferred} deferred to the next "
-                     f"tick, {len(plan.deleted)} deleted, {len(plan.gave_up)} given up")
+                     f"tick, {len(plan.deleted)} deleted, {len(plan.gave_up)} given up, {len(plan.submitted)} left to "
+                     "client submissions")
     return SensorResult(run_requests=plan.result.run_requests, cursor=cursor_text,
                         dynamic_partitions_requests=plan.result.dynamic_partitions_requests,
                         asset_events=plan.result.asset_events)

@@ -191,6 +191,7 @@ def _done_earlier_in_run(context: AssetExecutionContext, keys: list[str], select
 def image_to_model(context: AssetExecutionContext, config: ModelsRunConfig, storage: ImageStorage,
                    generator: GeneratorResource):
     from hy3d_pipeline.fleet.liveness import mark_run_process
+    from hy3d_pipeline.models import progress
     from hy3d_pipeline.models.processing import Fetched, LocalCopies, existing_for_checks, fetch, process_object
 
     mark_run_process(context)
@@ -218,6 +219,7 @@ def image_to_model(context: AssetExecutionContext, config: ModelsRunConfig, stor
         def get(key: str) -> Fetched:
             return fetch(storage, copies, relative_key_for(key), download=want_local, verify=LOCAL in selected)
 
+        position = {k: n for n, k in enumerate(keys, 1)}  # progress counts over the whole run, retries included
         try:
             for i, key in enumerate(todo):
                 for k in todo[i:i + PREFETCH + 1]:  # the next images download while this one generates
@@ -226,6 +228,7 @@ def image_to_model(context: AssetExecutionContext, config: ModelsRunConfig, stor
                 emitted: dict[AssetKey, str] = {}  # asset -> ETag recorded, so a retry records a version only once
                 for attempt in range(attempts):
                     path = None
+                    progress.report(context.log, position[key], len(keys), key, "downloading")
                     try:
                         # a retry fetches afresh (HEAD too): the fault may have been the object changing
                         got = futures.pop(key).result() if attempt == 0 else get(key)
@@ -244,6 +247,7 @@ def image_to_model(context: AssetExecutionContext, config: ModelsRunConfig, stor
                                 "host": host, "etag": info.etag, "size": info.size, **(got.facts or {}),
                             })
                         if MODELS in selected:
+                            progress.report(context.log, position[key], len(keys), key, "generating")
                             outcome = process_object(storage, info, key, settings, got.timer, local_path=path,
                                                      copies=copies)
                             if outcome.superseded:
@@ -283,6 +287,7 @@ def image_to_model(context: AssetExecutionContext, config: ModelsRunConfig, stor
                     time.sleep(delay)
                 if key in failures:
                     context.log.error(f"image {key!r} failed: {failures[key][0]}")
+                progress.report(context.log, position[key], len(keys), key, "failed" if key in failures else "done")
         finally:
             # a terminated run or a raise: downloads not started are cancelled, one in flight is waited for (bounded
             # by S3_DOWNLOAD_TIMEOUT); LocalCopies then deletes every copy nothing consumed
