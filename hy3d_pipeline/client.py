@@ -28,6 +28,7 @@ from typing import Any
 
 from hy3d_pipeline.images.submitted import etags_of
 from hy3d_pipeline.models import progress as _progress
+from hy3d_pipeline.s3.urls import without_query
 from hy3d_pipeline.settings import current
 
 __all__ = ["ClientError", "ImageRefused", "default_url", "result", "submit", "submit_many"]
@@ -53,14 +54,6 @@ class ImageRefused(ValueError):
 def default_url() -> str:
     """The webserver: HY3D_DAGSTER_URL, else the address `hy3d-pipeline dev` and `dagster dev` serve."""
     return current().dagster_url
-
-
-def _without_query(image: Any) -> Any:
-    """An http(s) URL without its query and fragment: a presigned URL's signature is a credential, and the
-    object it names is all the pipeline needs (it reads with its own credentials). s3:// keys keep `?`."""
-    if isinstance(image, str) and image.strip().lower().startswith(("http://", "https://")):
-        return image.strip().split("#", 1)[0].split("?", 1)[0]
-    return image
 
 
 class _Server:
@@ -187,7 +180,10 @@ def _submit(images: list[Any], output_format: str | None, texture: str | None, u
         return []
     server = _Server(url)
     options = {"output_format": output_format, "texture": texture}
-    answer = server.ask("resolve", images=[_without_query(i) for i in images], batches=batches, **options)
+    # a presigned URL's signature is a credential, and the object it names is all the pipeline needs (it reads with
+    # its own credentials): the query never leaves this process
+    answer = server.ask("resolve", images=[without_query(i.strip()) if isinstance(i, str) else i for i in images],
+                        batches=batches, **options)
     if answer.get("refused"):
         raise ImageRefused("; ".join(answer["refused"]))
     resolved = answer["images"]

@@ -22,9 +22,9 @@ download URL for the caller) is written to no tick, log or run. It answers
 from __future__ import annotations
 
 import json
+import re
 import time
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 from dagster import (
     AssetSelection,
@@ -47,7 +47,7 @@ from hy3d_pipeline.images.submitted import INTENT_TTL_S, record_submissions, run
 from hy3d_pipeline.models.assets import image_to_model
 from hy3d_pipeline.models.resources import GeneratorResource
 from hy3d_pipeline.s3.redact import redact
-from hy3d_pipeline.s3.urls import S3UrlError, is_s3_url, parse_s3_url
+from hy3d_pipeline.s3.urls import S3UrlError, parse_object_url, parse_s3_url
 from hy3d_pipeline.settings import current
 from hy3d_pipeline.storage.base import StorageError
 from hy3d_pipeline.storage.resources import NO_BUCKET, ImageStorage
@@ -69,39 +69,20 @@ class Refused(ValueError):
     """An image that cannot be submitted; the message names it and says what to do."""
 
 
-def _endpoint_location(storage: ImageStorage, url: str) -> tuple[str, str] | None:
-    """(bucket, key) of a path-style URL of the configured S3-compatible endpoint, else None."""
-    if not storage.endpoint_url:
-        return None
-    got, base = urlsplit(url), urlsplit(storage.endpoint_url)
-    if (got.scheme, got.netloc.lower()) != (base.scheme, base.netloc.lower()):
-        return None
-    path = got.path[len(base.path.rstrip("/")):] if got.path.startswith(base.path.rstrip("/") + "/") else None
-    bucket, _, key = (path or "").lstrip("/").partition("/")
-    if not bucket or not key:
-        raise Refused(f"{url!r} names no object: use {storage.endpoint_url.rstrip('/')}/BUCKET/KEY")
-    return unquote(bucket), unquote(key)
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 def locate(storage: ImageStorage, image: str) -> tuple[str, str]:
-    """(bucket, key) of an image as the client passes it; Refused when it is no object location."""
+    """(bucket, key) of an image as the client passes it: an S3 URL (s3/urls.py `parse_object_url`: AWS forms and
+    URLs of S3_ENDPOINT_URL), else a key relative to S3_IMAGES_PREFIX; Refused when it is neither."""
     text = image.strip()
-    if text.startswith(("http://", "https://")) and not is_s3_url(text):
-        found = _endpoint_location(storage, text)
-        if found is None:
-            raise Refused(f"{text!r} is not an S3 URL (s3://BUCKET/KEY, an amazonaws.com URL"
-                          + (f", or {storage.endpoint_url.rstrip('/')}/BUCKET/KEY" if storage.endpoint_url else "")
-                          + ") nor a key")
-        return found
-    if text.startswith(("s3://", "http://", "https://")):
+    if _URL.match(text):
         try:
-            location = parse_s3_url(text)
+            location = parse_object_url(text, storage.endpoint_url)
         except S3UrlError as exc:
             raise Refused(str(exc)) from None
         return location.bucket, location.key
-    if "://" in text:
-        raise Refused(f"{text!r} is not an S3 URL (s3://BUCKET/KEY or an amazonaws.com URL) nor a key")
-    if not image.strip():
+    if not text:
         raise Refused("an empty image key: pass an S3 URL or a key relative to S3_IMAGES_PREFIX")
     return storage.images_bucket, storage.image_key(image)
 
