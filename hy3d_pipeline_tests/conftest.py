@@ -12,7 +12,8 @@ from hy3d_pipeline.embedded.seaweedfs import SeaweedS3
 
 @pytest.fixture(scope="session")
 def seaweed(tmp_path_factory):
-    server = SeaweedS3(data_dir=tmp_path_factory.mktemp("seaweedfs") / "data").start()
+    # a bucket per test: small volumes, so hundreds of buckets fit in weed's volume budget
+    server = SeaweedS3(data_dir=tmp_path_factory.mktemp("seaweedfs") / "data", volume_size_limit_mb=16).start()
     yield server
     server.stop()
 

@@ -107,6 +107,9 @@ class SeaweedS3:
     secret_key: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     port: int | None = None
     log_path: Path | None = None
+    # weed sizes its volume budget as free disk / volume size, and every bucket takes volumes of its own: a server
+    # with many buckets (a test session) needs small volumes, or writes fail with "no free volumes left"
+    volume_size_limit_mb: int | None = None
     process: subprocess.Popen | None = field(default=None, repr=False)
 
     @property
@@ -130,6 +133,7 @@ class SeaweedS3:
             f"-filer.port={filer}", f"-filer.port.grpc={grpc[3]}",
             f"-admin.port={admin}", f"-admin.port.grpc={grpc[4]}", "-admin.ui=false", "-webdav=false",
             "-master.telemetry=false",
+            *([f"-master.volumeSizeLimitMB={self.volume_size_limit_mb}"] if self.volume_size_limit_mb else []),
         ]
         env = {**os.environ, "AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key}
         self.log_path = self.log_path or self.data_dir.parent / f"{self.data_dir.name}.log"

@@ -95,6 +95,38 @@ def running_s3(home: Path | None = None) -> RunningS3 | None:
     return RunningS3(f"http://{HOST}:{port}", pid, access, secret)
 
 
+def _started(pid: int) -> float | None:
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.Error, OSError):
+        return None
+
+
+def _owner_alive(home: Path) -> bool:
+    """Whether the command that started the home's server still runs (its pid, not reused: same start time)."""
+    state = _read_state(home)
+    owner = state.get("owner")
+    if not isinstance(owner, int):
+        return True  # recorded before owners were: assume it is in use
+    return _started(owner) is not None and _started(owner) == state.get("owner_started")
+
+
+def _stop_orphan(pid: int) -> None:
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        proc.terminate()
+        proc.wait(timeout=15)
+    except psutil.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+    except (psutil.Error, OSError):
+        pass
+
+
 def _point_environment_at(endpoint_url: str, access: str, secret: str) -> None:
     # a profile or session token from the user's shell would be used instead of (or sent with) the plain keys
     for name in ("AWS_SESSION_TOKEN", "AWS_PROFILE"):
@@ -131,6 +163,11 @@ def start_embedded_s3(home: Path | None = None, out=print) -> SeaweedS3:
     it. Refused while another command runs this home's server: two servers must never share one data folder."""
     home = home or hy3d_home()
     running = running_s3(home)
+    if running is not None and not _owner_alive(home):
+        # the command that started it was killed (SIGKILL, OOM) and could not stop it: the server is ours to stop
+        out(f"stopping the embedded S3 left running by a command that was killed (weed pid {running.pid})")
+        _stop_orphan(running.pid)
+        running = None
     if running is not None:
         raise EmbeddedS3Error(
             f"the embedded S3 of {home} is already running at {running.endpoint_url} (weed pid {running.pid}, "
@@ -139,7 +176,8 @@ def start_embedded_s3(home: Path | None = None, out=print) -> SeaweedS3:
     access, secret = _credentials(home)
     server = SeaweedS3(data_dir=home / "seaweedfs", access_key=access, secret_key=secret,
                        port=_s3_port(home, out)).start()
-    _write_state(home, pid=server.process.pid, running_port=server.port)
+    _write_state(home, pid=server.process.pid, running_port=server.port, owner=os.getpid(),
+                 owner_started=_started(os.getpid()))
     server.create_buckets(EMBEDDED_BUCKET)
     _point_environment_at(server.endpoint_url, access, secret)
     os.environ.setdefault("HY3D_GENERATOR", "extrude")  # no weights on a laptop; never used in place of hunyuan3d
