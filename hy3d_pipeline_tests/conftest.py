@@ -99,6 +99,13 @@ def moto_server(tmp_path_factory):
     proc.wait(10)
 
 
+def write_first_format_rows(instance, rows: dict[str, str], high: int) -> None:
+    """Catalog rows as the first format wrote them (before keys had to fit MySQL): key `hy3d/images/<partition
+    key>`, value `etag|tick[|attempts|state]`, and the highest tick; for the tests of an upgrade in place."""
+    instance.run_storage.set_cursor_values({"hy3d/images-tick-high": str(high)})
+    instance.run_storage.set_cursor_values({"hy3d/images/" + k: v for k, v in rows.items()})
+
+
 class Ticker:
     """Evaluates the sensor like the daemon: records its partitions and events, and commits the cursor."""
 

@@ -143,9 +143,8 @@ def test_refused_deletes_are_retried_then_kept_for_the_next_tick(events_env, cap
     cursor = Cursor.load(ticker.cursor)
     [seq] = cursor.pending
     pending = events.PendingDeletes(ticker.instance)
-    slot = pending._slot(seq)
-    saved = json.loads(ticker.instance.run_storage.get_cursor_values({slot})[slot])
-    pending.save(seq, saved["handles"] + ["not-a-receipt-handle"])  # one the queue will refuse
+    handles, _tries = pending.load(seq)
+    pending.save(seq, handles + ["not-a-receipt-handle"])  # one the queue will refuse
     ticker()
     assert queue_depth(events_env) == 0  # the good handle deleted
     assert seq in Cursor.load(ticker.cursor).pending  # the refused one kept for the next tick
