@@ -19,6 +19,12 @@ from hy3d_pipeline_tests.conftest import Ticker
 
 @pytest.fixture
 def events_env(moto_server, monkeypatch, instance, tmp_path):
+    return make_events_env(moto_server, monkeypatch, instance, tmp_path)
+
+
+def make_events_env(moto_server, monkeypatch, instance, tmp_path) -> dict:
+    """A moto bucket that notifies a moto queue, the environment of a deployment in event mode on it, and a
+    Ticker on `instance`."""
     for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "S3_REGION": "us-east-1",
                         "S3_ENDPOINT_URL": moto_server, "HY3D_SQS_VISIBILITY_SECONDS": "2",
                         "S3_TEMP_DIR": str(tmp_path / "cache")}.items():
