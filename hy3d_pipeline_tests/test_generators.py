@@ -38,6 +38,9 @@ BOX_BACKEND = textwrap.dedent('''
             return {"backend": self.name, "package": "hy3d-box-backend", "edge": 1.0}
 
 
+    GENERATOR = BoxGenerator
+
+
     def build(settings):
         return BoxGenerator(settings)
 ''')
@@ -168,8 +171,11 @@ def test_one_name_from_two_packages_is_refused(tmp_path, monkeypatch):
 
 
 def test_import_loads_no_backend():
+    """`import hy3d_pipeline` and its definitions import no backend module, torch or hy3dgen."""
     code = ("import sys, hy3d_pipeline; hy3d_pipeline.defs.resolve_asset_graph(); print(json.dumps(sorted(m for m in "
             "sys.modules if m.startswith(('torch', 'hy3dgen', 'hy3d_pipeline.models.generators.')))))")
     done = subprocess.run([sys.executable, "-c", "import json; " + code], env={**os.environ, "PYTHONPATH": str(ROOT)},
                           capture_output=True, text=True, check=True, timeout=120)
-    assert json.loads(done.stdout) == ["hy3d_pipeline.models.generators.base"]
+    # the registry is read (the location checks HY3D_GENERATOR names an installed backend); no backend is imported
+    assert json.loads(done.stdout) == ["hy3d_pipeline.models.generators.base",
+                                       "hy3d_pipeline.models.generators.registry"]

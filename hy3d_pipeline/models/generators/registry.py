@@ -11,9 +11,11 @@ its own two backends the same way. They are also known here (`BUILTIN`, which a 
 pyproject.toml), so a source checkout on PYTHONPATH, or an editable install made before the entry points were
 declared, still finds them.
 
-Nothing is imported until a backend is built or listed, so `import hy3d_pipeline` stays light. A backend module
-may define `missing(settings) -> list[str]`: what building it with these settings would lack (packages, weights),
-said without importing anything heavy, so the listing can tell "installed" from "usable here".
+The backend's module names `GENERATOR`, the class `build` returns (base.backend_class reads the settings it
+honours from it without building it). Nothing is imported until a backend is built, listed or fingerprinted, so
+`import hy3d_pipeline` stays light. A backend module may define `missing(settings) -> list[str]`: what building
+it with these settings would lack (packages, weights), said without importing anything heavy, so the listing
+can tell "installed" from "usable here".
 """
 
 from __future__ import annotations
