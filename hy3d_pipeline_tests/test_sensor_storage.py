@@ -187,3 +187,15 @@ def test_pending_deletes_of_the_first_format_are_still_read(instance):
     kv_set(instance, {"hy3d/sqs/pending/5": json.dumps({"seq": 69, "handles": ["h1", "h2"], "tries": 1})})
     assert events.PendingDeletes(instance).load(69) == (["h1", "h2"], 1)
     assert events.PendingDeletes(instance).load(5) is None  # the same slot, another tick
+
+
+def test_client_submissions_fit_every_storage(any_instance):
+    """The record of a client submission under way (images/submitted.py), for the longest keys."""
+    from hy3d_pipeline.images import submitted
+
+    keys = longest_s3_keys(uuid.uuid4().hex[:8])
+    submitted.record_submissions(any_instance, {k: f"etag-{i}" for i, k in enumerate(keys)}, now=1000.0)
+    assert_fits_mysql(table_rows(any_instance, submitted.INTENTS))
+    asked = {k: f"etag-{i}" for i, k in enumerate(keys)} | {keys[0]: "another-etag", "absent.png": "e"}
+    assert submitted.under_way(any_instance, asked, now=1001.0) == set(keys[1:])
+    assert submitted.under_way(any_instance, asked, now=1000.0 + submitted.INTENT_TTL_S + 1) == set()
