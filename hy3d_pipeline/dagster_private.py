@@ -8,18 +8,31 @@ PostgreSQL and MySQL where it is about storage), so a Dagster upgrade that chang
 instead of a sensor tick in production. No other module of the package imports `dagster._*` or reaches into an
 instance's storages: a test reads the package's source and fails if one does.
 
-| wrapper | what it uses | why; the public API that is missing |
-| --- | --- | --- |
-| `kv_get`, `kv_set` (`kv_key`) | run storage `get_cursor_values` / `set_cursor_values` (the `kvs` table) | per-image rows of what the sensor requested, too big for a sensor cursor; no public key-value API |
-| `existing_dynamic_partitions` | `DynamicPartitionsTable`, `db_select`, `index_connection` | which of N keys are partitions in one query; `has_dynamic_partition` costs a query (a connection on SQLite) per key |
-| `check_target` | `AssetCheckEvaluationTargetMaterializationData` | ties a partitioned check verdict to the materialization it judged; `AssetCheckResult` does this itself but has no `partition` |
-| `latest_check_executions` | event log `get_latest_asset_check_execution_by_key`, `PartitionKeyFilter` | a partition's latest verdicts; `instance.get_latest_asset_check_evaluation_record` is not public either and has no partition |
-| `evaluate_sensor` | `SensorDefinition.evaluate_tick` | what the daemon does with a tick (run requests resolved and validated, sensor tags); calling the sensor (public) returns its raw result |
-| `backfill_partition_keys` | `instance.get_backfill`, `PartitionBackfill`, asset backfill data | the partitions a backfill targets; only the GraphQL API (a running webserver) says it publicly |
-| `WILL_RETRY_TAG` | `dagster._core.storage.tags` | the tag run retries set; documented nowhere as a constant |
-| `CheckRunHealthResult`, `WorkerStatus`, `launcher_instance` | `dagster._core.launcher`, `RunLauncher._instance` | a run launcher's health check for run monitoring; `RunLauncher` itself is not public |
-| `pool_limits`, `init_pool_to_default`, `set_pool_slots`, `free_pool_slots_for_run` | event log concurrency methods | create/resize the `gpu` pool, free a dead run's slots; only the `dagster instance concurrency` CLI does it publicly |
-| `pooled_postgres_storage` | dagster-postgres constructors, `dagster_postgres.utils`, `optimize_for_webserver` | a pooled connection outside the webserver; no setting for it |
+Each wrapper, what it uses, and why (the public API that is missing):
+- `kv_get`, `kv_set`, `kv_key`: run storage `get_cursor_values` / `set_cursor_values` (the `kvs` table). The
+  sensor's per-image rows (what it requested, client submissions, pending SQS deletes) are too big for a sensor
+  cursor; Dagster has no public key-value API.
+- `partitions_by_query`, `existing_dynamic_partitions`: `DynamicPartitionsTable`, `db_select`, the event log's
+  `index_connection`. Which of N keys are partitions in one query; `has_dynamic_partition` costs a query (a
+  connection on SQLite) per key.
+- `check_target`: `AssetCheckEvaluationTargetMaterializationData`. Ties a partitioned check verdict to the
+  materialization it judged (else the UI shows it stale); `AssetCheckResult` does that itself but takes no
+  partition.
+- `latest_check_executions`: the event log's `get_latest_asset_check_execution_by_key`, `PartitionKeyFilter`. A
+  partition's latest verdicts; `instance.get_latest_asset_check_evaluation_record` is not public either and takes
+  no partition.
+- `evaluate_sensor`: `SensorDefinition.evaluate_tick`. A tick as the daemon evaluates it (run requests resolved
+  and validated, sensor tags added), for `demo` and the tests; calling the sensor (public) returns its raw result.
+- `backfill_partition_keys`: `instance.get_backfill`, `PartitionBackfill`, asset backfill data. The partitions a
+  backfill targets (`report --backfill`); only the GraphQL API of a running webserver says so publicly.
+- `WILL_RETRY_TAG`: `dagster._core.storage.tags`. The tag run retries set on a failed run; no public constant.
+- `CheckRunHealthResult`, `WorkerStatus`, `launcher_instance`: `dagster._core.launcher`, `RunLauncher._instance`.
+  A run launcher's answer to run monitoring; `RunLauncher` itself is not public.
+- `pool_limits`, `init_pool_to_default`, `set_pool_slots`, `free_pool_slots_for_run`: the event log's concurrency
+  methods. Create or resize the `gpu` pool, free a dead run's slots; only the `dagster instance concurrency` CLI
+  does it publicly.
+- `pooled_postgres_storage`: dagster-postgres's constructors, `dagster_postgres.utils`, `optimize_for_webserver`.
+  One pooled connection per storage outside the webserver; there is no setting for it.
 
 Key-value limits (`KV_KEY_MAX`, `KV_VALUE_MAX`): the `kvs` table is the same on every instance storage, but on
 MySQL its unique index covers only a key's first 64 characters (two longer keys that share them are one row) and
@@ -51,10 +64,10 @@ from dagster._core.launcher import CheckRunHealthResult, WorkerStatus
 from dagster._core.storage.tags import WILL_RETRY_TAG
 
 __all__ = [
-    "KV_KEY_MAX", "KV_VALUE_MAX", "CheckRunHealthResult", "WILL_RETRY_TAG", "WorkerStatus", "backfill_partition_keys",
-    "check_target", "evaluate_sensor", "existing_dynamic_partitions", "free_pool_slots_for_run", "init_pool_to_default",
-    "kv_get", "kv_key", "kv_set", "latest_check_executions", "launcher_instance", "pool_limits", "pooled_postgres_storage",
-    "set_pool_slots",
+    "KV_KEY_MAX", "KV_VALUE_MAX", "CheckRunHealthResult", "WILL_RETRY_TAG", "WorkerStatus",
+    "backfill_partition_keys", "check_target", "evaluate_sensor", "existing_dynamic_partitions",
+    "free_pool_slots_for_run", "init_pool_to_default", "kv_get", "kv_key", "kv_set", "latest_check_executions",
+    "launcher_instance", "partitions_by_query", "pool_limits", "pooled_postgres_storage", "set_pool_slots",
 ]
 
 # --- the instance's key-value table -------------------------------------------------------------------------
@@ -101,7 +114,8 @@ def kv_set(instance, pairs: Mapping[str, str]) -> None:
     for key, value in pairs.items():
         _check_kv(key, value)
     existing = set(kv_get(instance, pairs))
-    for group in ({k: v for k, v in pairs.items() if k not in existing}, {k: v for k, v in pairs.items() if k in existing}):
+    fresh = {k: v for k, v in pairs.items() if k not in existing}
+    for group in (fresh, {k: v for k, v in pairs.items() if k in existing}):
         batch: dict[str, str] = {}
         size = 0
         for key, value in group.items():
@@ -128,8 +142,9 @@ def partitions_by_query(instance, partitions_def_name: str, keys: Sequence[str])
     table = DynamicPartitionsTable
     found: set[str] = set()
     for i in range(0, len(keys), _KV_KEYS_PER_QUERY):
+        chunk = keys[i:i + _KV_KEYS_PER_QUERY]
         query = db_select([table.c.partition]).where(
-            (table.c.partitions_def_name == partitions_def_name) & table.c.partition.in_(keys[i:i + _KV_KEYS_PER_QUERY]))
+            (table.c.partitions_def_name == partitions_def_name) & table.c.partition.in_(chunk))
         with storage.index_connection() as conn:
             found.update(row[0] for row in conn.execute(query).fetchall())
     return found

@@ -89,7 +89,8 @@ def thing(context):
     record = context.instance.fetch_materializations(
         AssetRecordsFilter(asset_key=AssetKey("thing"), asset_partitions=[context.partition_key]), limit=1).records[0]
     yield AssetCheckEvaluation(asset_key=AssetKey("thing"), check_name="positive", partition=context.partition_key,
-                               passed=context.partition_key == "good", target_materialization_data=private.check_target(record))
+                               passed=context.partition_key == "good",
+                               target_materialization_data=private.check_target(record))
     [(name, _spec)] = context.assets_def.check_specs_by_output_name.items()
     yield Output(None, output_name=name)
 
@@ -165,8 +166,8 @@ def test_backfill_partition_keys(instance):
     graph = build_defs().resolve_asset_graph()
     instance.add_dynamic_partitions("images", ["a.png", "b.png", "c.png"])
     instance.add_backfill(PartitionBackfill.from_asset_partitions(
-        backfill_id="bf", asset_graph=graph, partition_names=["c.png", "a.png"], asset_selection=[AssetKey("models_3d")],
-        backfill_timestamp=time.time(), tags={}, dynamic_partitions_store=instance, all_partitions=False, title=None,
+        backfill_id="bf", asset_graph=graph, partition_names=["c.png", "a.png"],
+        asset_selection=[AssetKey("models_3d")], backfill_timestamp=time.time(), tags={}, dynamic_partitions_store=instance, all_partitions=False, title=None,
         description=None, run_config=None))
     assert private.backfill_partition_keys(instance, "bf", graph) == ["a.png", "c.png"]
     assert private.backfill_partition_keys(instance, "no-such-backfill", graph) is None

@@ -25,8 +25,6 @@ import time
 from collections.abc import Mapping
 from datetime import datetime, timezone
 
-from hy3d_pipeline.dagster_private import kv_get, kv_key, kv_set
-
 CLIENT_TAG = "hy3d/client"
 ETAGS_TAG = "hy3d/etags"
 # client runs created this long before a tick are looked at again by the next one: the webserver that created them
@@ -66,6 +64,9 @@ def claimed(instance, after: float) -> tuple[dict[str, str], float]:
 
 def record_submissions(instance, etags: Mapping[str, str], now: float | None = None) -> None:
     """Record that a client is submitting these images (partition key -> ETag checked)."""
+    # imported here: hy3d_pipeline.client imports this module and must not import Dagster
+    from hy3d_pipeline.dagster_private import kv_key, kv_set
+
     now = time.time() if now is None else now
     kv_set(instance, {kv_key(INTENTS, k): json.dumps({"key": k, "etag": e, "at": now}, separators=(",", ":"))
                       for k, e in etags.items()})
@@ -73,6 +74,8 @@ def record_submissions(instance, etags: Mapping[str, str], now: float | None = N
 
 def under_way(instance, etags: Mapping[str, str], now: float | None = None) -> set[str]:
     """The keys of `etags` that a client began submitting at that ETag less than INTENT_TTL_S ago."""
+    from hy3d_pipeline.dagster_private import kv_get, kv_key
+
     now = time.time() if now is None else now
     found = set()
     by_row = {kv_key(INTENTS, k): k for k in etags}
