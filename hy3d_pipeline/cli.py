@@ -1,5 +1,5 @@
-"""The `hy3d-pipeline` command: `demo`, `dev`, `worker`, `upload`, `generate` for one image, `report`, and
-`fetch-weights`."""
+"""The `hy3d-pipeline` command: `demo`, `dev`, `worker`, `upload`, `generate` for one image, `report`,
+`fetch-weights`, and `generators` (the installed generator backends)."""
 
 from __future__ import annotations
 
@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     fetch = sub.add_parser("fetch-weights", help="download the configured Hunyuan3D weights into HY3DGEN_MODELS "
                                                     "(none with HY3D_GENERATOR=extrude) and rembg's model")
     fetch.add_argument("--no-rembg", action="store_true", help="skip the background-removal model")
+    sub.add_parser("generators", help="list the installed generator backends (HY3D_GENERATOR) and whether each "
+                                      "can be used here")
     args = parser.parse_args(argv)
 
     if args.command in ("demo", "dev", "report"):
@@ -76,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"fetch-weights failed: {exc}", file=sys.stderr)
             return 1
         return 0
+    if args.command == "generators":
+        return list_generators()
     return 2
 
 
@@ -91,6 +95,27 @@ def _embedded_command(args) -> int:
     from hy3d_pipeline.report import run_report
 
     return run_report(args.out, prefix=args.prefix, backfill_id=args.backfill)
+
+
+def list_generators(out=print) -> int:
+    """`hy3d-pipeline generators`: one line per installed backend; exit 1 when the selected one is not usable."""
+    from hy3d_pipeline.models.generators import registry
+    from hy3d_pipeline.models.resources import GeneratorResource
+
+    settings = GeneratorResource.from_env().settings()
+    selected = settings.generator
+    rows = registry.listing(settings)
+    width = max([len(r["name"]) for r in rows] + [4])
+    for row in rows:
+        mark = "*" if row["selected"] else " "
+        out(f"{mark} {row['name']:<{width}}  {row['status']}")
+        out(f"  {'':<{width}}  from {row['package']}: {row['target']}")
+    chosen = next((r for r in rows if r["selected"]), None)
+    if chosen is None:
+        out(f"HY3D_GENERATOR={selected!r} is not installed")
+        return 1
+    out(f"* = selected by HY3D_GENERATOR ({selected})")
+    return 0 if chosen["status"] == "available" else 1
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ def build_defs() -> Definitions:
     settings = current()
     if settings.generator not in known_generators():
         raise SettingsError(f"invalid configuration: HY3D_GENERATOR={settings.generator!r}: use one of "
-                            f"{', '.join(known_generators())}")
+                            f"{', '.join(known_generators())}, the installed backends (`hy3d-pipeline generators`)")
     # no default bucket: with nothing configured this would be AWS, where a bucket name is global and a default
     # one belongs to a stranger. Only the embedded default (`demo`/`dev`) names one, and sets S3_IMAGES_BUCKET
     # itself. Without it the location still loads; the sensor skips and runs fail, saying what to set.

@@ -69,27 +69,22 @@ def partitions_for(instance, prefix: str = "", backfill_id: str | None = None) -
 
 
 def _backfill_partitions(instance, backfill_id: str) -> list[str]:
+    from hy3d_pipeline.dagster_private import backfill_partition_keys
     from hy3d_pipeline.definitions import build_defs
 
-    backfill = instance.get_backfill(backfill_id)
-    if backfill is None:
-        raise ValueError(f"no backfill {backfill_id!r} in the Dagster instance at {instance.root_directory}")
-    if not backfill.is_asset_backfill:
-        return list(backfill.partition_names or [])
-    data = backfill.get_asset_backfill_data(build_defs().resolve_asset_graph())
-    keys: set[str] = set()
     # whichever of the three assets it selected: they share the `images` partitions
-    for subset in data.target_subset.partitions_subsets_by_asset_key.values():
-        keys.update(subset.get_partition_keys())
-    return list(keys)
+    keys = backfill_partition_keys(instance, backfill_id, build_defs().resolve_asset_graph())
+    if keys is None:
+        raise ValueError(f"no backfill {backfill_id!r} in the Dagster instance at {instance.root_directory}")
+    return keys
 
 
 def collect(instance, storage, partitions: Iterable[str], progress: Callable[[int], None] | None = None) -> list[Entry]:
     """What the instance knows about each partition, with the model pictures read from S3. `progress(1)` is
     called after each partition."""
     from dagster import AssetCheckKey, AssetRecordsFilter
-    from dagster._core.event_api import PartitionKeyFilter
 
+    from hy3d_pipeline.dagster_private import latest_check_executions
     from hy3d_pipeline.images.partitions import relative_key_for
     from hy3d_pipeline.images.partitions import LOCAL, MODELS
     from hy3d_pipeline.models.checks import CHECKS
@@ -113,8 +108,7 @@ def collect(instance, storage, partitions: Iterable[str], progress: Callable[[in
             entry.figures = {k: meta[k] for k in ("backend", "faces", "vertices", "silhouette_iou", "watertight",
                                                   "file_size", "generate_s", "skipped_existing") if k in meta}
             entry.when, entry.run_id, entry.status = model.timestamp, model.run_id, "ok"
-            latest = instance.event_log_storage.get_latest_asset_check_execution_by_key(
-                check_keys, partition_filter=PartitionKeyFilter(key=partition))
+            latest = latest_check_executions(instance, check_keys, partition)
             for key in check_keys:
                 record = latest.get(key)
                 evaluation = record.evaluation if record is not None else None

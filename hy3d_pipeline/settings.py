@@ -82,8 +82,9 @@ class Settings:
                             "without alpha or a plain background (`hy3d-pipeline fetch-weights` fetches it)",
                             section="images")
     # ---- generation --------------------------------------------------------------------------------------------
-    generator: str = _var("HY3D_GENERATOR", "hunyuan3d", "the backend: `hunyuan3d` (the real model) or `extrude` "
-                          "(CPU silhouette extrusion, no weights), or any installed one", section="generation")
+    generator: str = _var("HY3D_GENERATOR", "hunyuan3d", "the backend: `hunyuan3d` (the real model), `extrude` "
+                          "(CPU silhouette extrusion, no weights), or one another package installs (`hy3d-pipeline "
+                          "generators` lists them)", section="generation")
     output_format: OutputFormat = _var("HY3D_OUTPUT_FORMAT", "glb", "model file format (per run too: launchpad config "
                                        "`output_format`)", section="generation")
     texture: TextureMode = _var("HY3D_TEXTURE", "none", "`paint` (Hunyuan3D-Paint, CUDA), `projected` (vertex "

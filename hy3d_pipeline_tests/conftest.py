@@ -1,7 +1,10 @@
-"""Shared fixtures: one real SeaweedFS S3 server for the session, a fresh bucket per test, a Dagster instance."""
+"""Shared fixtures: one real SeaweedFS S3 server for the session, a fresh bucket per test, a Dagster instance,
+and PostgreSQL and MySQL servers (started for the session by the first test that needs one) for instances on
+every storage Dagster supports."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import uuid
 
@@ -56,6 +59,47 @@ def instance():
         yield inst
 
 
+@pytest.fixture(scope="session")
+def postgres_server():
+    from hy3d_pipeline_tests.services import PostgresServer
+
+    with PostgresServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def mysql_server():
+    from hy3d_pipeline_tests.services import MySQLServer
+
+    with MySQLServer() as server:
+        yield server
+
+
+# every instance storage Dagster ships: SQLite, PostgreSQL (through this project's pooled storages, what
+# `demo`/`dev`/`worker` write into dagster.yaml), MySQL (dagster-mysql's own)
+STORAGES = ("sqlite", "postgres", "mysql")
+
+
+@contextlib.contextmanager
+def instance_on(kind: str, request, overrides: dict | None = None):
+    """A Dagster instance on `kind` storage, in a database of its own; `request` is the calling fixture's."""
+    from dagster import instance_for_test
+
+    name = f"t{uuid.uuid4().hex[:12]}"
+    storage: dict = {}
+    if kind == "postgres":
+        url = request.getfixturevalue("postgres_server").database(name)
+        storage = {section: {"module": "hy3d_pipeline.fleet.postgres", "class": cls, "config": {"postgres_url": url}}
+                   for section, cls in (("run_storage", "RunStorage"), ("event_log_storage", "EventLogStorage"),
+                                        ("schedule_storage", "ScheduleStorage"))}
+    elif kind == "mysql":
+        storage = {"storage": {"mysql": {"mysql_url": request.getfixturevalue("mysql_server").database(name)}}}
+    elif kind != "sqlite":
+        raise ValueError(kind)
+    with instance_for_test(overrides={**storage, **(overrides or {})}) as inst:
+        yield inst
+
+
 def png_bytes(size=(96, 96), shape="disc", color=(200, 60, 40, 255)) -> bytes:
     """A small RGBA PNG of one drawn object on a transparent background."""
     from PIL import Image, ImageDraw
@@ -98,6 +142,13 @@ def moto_server(tmp_path_factory):
     yield url
     proc.terminate()
     proc.wait(10)
+
+
+def write_first_format_rows(instance, rows: dict[str, str], high: int) -> None:
+    """Catalog rows as the first format wrote them (before keys had to fit MySQL): key `hy3d/images/<partition
+    key>`, value `etag|tick[|attempts|state]`, and the highest tick; for the tests of an upgrade in place."""
+    instance.run_storage.set_cursor_values({"hy3d/images-tick-high": str(high)})
+    instance.run_storage.set_cursor_values({"hy3d/images/" + k: v for k, v in rows.items()})
 
 
 class Ticker:

@@ -1,6 +1,7 @@
-"""Real PostgreSQL and Redis servers on 127.0.0.1 for the fleet tests and `bench/fleet.py`, from Debian's packages
-(`apt-get install postgresql redis-server`; `.ci/run` installs them). Each server gets a free port and a scratch
-folder of its own, and is stopped (and its folder removed) when the context ends."""
+"""Real PostgreSQL, MySQL (MariaDB) and Redis servers on 127.0.0.1 for the fleet and storage tests and
+`bench/fleet.py`, from Debian's packages (`apt-get install postgresql mariadb-server redis-server`; `.ci/run`
+installs them). Each server gets a free port and a scratch folder of its own, and is stopped (and its folder
+removed) when the context ends."""
 
 from __future__ import annotations
 
@@ -92,6 +93,66 @@ class PostgresServer:
     def __exit__(self, *exc) -> None:
         subprocess.run(self._as_owner([_pg_tool("pg_ctl"), "-D", str(self.data), "-m", "immediate", "stop"]),
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class MySQLServer:
+    """MariaDB (Debian's `mariadb-server`, what Dagster's MySQL storage runs on too): `mariadb-install-db` and
+    `mariadbd` in a scratch folder; as root the server runs as the `mysql` system user (it refuses root)."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.user = "hy3d"
+        self.password = secrets.token_urlsafe(12)
+        self.db = "hy3d"
+        self.folder = Path(tempfile.mkdtemp(prefix="hy3d-my-"))
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        """In the form dagster-mysql takes (`mysql_url`), with the driver it installs."""
+        return f"mysql+mysqlconnector://{self.user}:{self.password}@127.0.0.1:{self.port}/{self.db}"
+
+    def database(self, name: str) -> str:
+        """A new empty database on this server; returns its URL."""
+        self._sql(f"CREATE DATABASE `{name}`; GRANT ALL ON `{name}`.* TO '{self.user}'@'127.0.0.1';")
+        return self.url.rsplit("/", 1)[0] + "/" + name
+
+    def _sql(self, statements: str) -> None:
+        client = shutil.which("mariadb") or shutil.which("mysql")
+        subprocess.run([client, "--no-defaults", "-S", str(self.folder / "sock"), "-uroot", "-e", statements],
+                       check=True, stdout=subprocess.DEVNULL)
+
+    def __enter__(self) -> "MySQLServer":
+        server, install = shutil.which("mariadbd", path="/usr/sbin:/usr/bin"), shutil.which(
+            "mariadb-install-db", path="/usr/bin:/usr/sbin")
+        if not server or not install:
+            raise RuntimeError("MariaDB was not found: apt-get install mariadb-server")
+        owner = ["--user=mysql"] if os.geteuid() == 0 else []
+        if owner:
+            shutil.chown(self.folder, "mysql")
+        data = self.folder / "data"
+        subprocess.run([install, "--no-defaults", f"--datadir={data}", "--auth-root-authentication-method=normal",
+                        "--skip-test-db", *owner], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [server, "--no-defaults", f"--datadir={data}", f"--socket={self.folder / 'sock'}", f"--port={self.port}",
+             "--bind-address=127.0.0.1", "--skip-name-resolve", "--innodb-flush-log-at-trx-commit=0",
+             "--innodb-buffer-pool-size=64M", f"--log-error={self.folder / 'log'}",
+             f"--pid-file={self.folder / 'pid'}", *owner],
+            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        _wait_port(self.port, 30, "mariadbd", self.proc)
+        self._sql(f"CREATE DATABASE {self.db}; CREATE USER '{self.user}'@'127.0.0.1' IDENTIFIED BY "
+                  f"'{self.password}'; GRANT ALL ON {self.db}.* TO '{self.user}'@'127.0.0.1';")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
         shutil.rmtree(self.folder, ignore_errors=True)
 
 

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import trimesh
 from dagster import AssetCheckKey, AssetKey, AssetSelection, materialize
-from dagster._core.event_api import PartitionKeyFilter
 from PIL import Image, ImageDraw
 
 from hy3d_pipeline.definitions import build_defs
@@ -168,9 +167,9 @@ def test_figures_survive_the_trip_through_s3_metadata(extrude):
 
 def latest_checks(instance, partition: str) -> dict:
     keys = [AssetCheckKey(MODELS, name) for name in CHECKS]
-    records = instance.event_log_storage.get_latest_asset_check_execution_by_key(
-        keys, partition_filter=PartitionKeyFilter(key=partition))
-    return {key.name: record for key, record in records.items()}
+    from hy3d_pipeline.dagster_private import latest_check_executions
+
+    return {key.name: record for key, record in latest_check_executions(instance, keys, partition).items()}
 
 
 @pytest.fixture

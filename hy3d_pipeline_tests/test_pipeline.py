@@ -190,6 +190,10 @@ def test_hunyuan_batch_through_assets_loads_model_once(instance, storage, s3, mo
     for i in range(3):
         meta = latest_metadata(instance, "models_3d", f"h/{i}.png")
         assert meta["backend"] == "hunyuan3d" and meta["faces"] > 0
+        described = meta["generator"]  # the loaded model, as Hunyuan3DGenerator.describe() tells it
+        assert (described["model_path"], described["device"], described["dtype"]) == ("tiny/Hunyuan3D-tiny", "cpu",
+                                                                                      "float32")
+        assert described["weights"].startswith(str(tmp_path / "models"))
 
 
 def _tiny_hunyuan_env(monkeypatch, tmp_path):
@@ -289,9 +293,11 @@ def test_worker_and_generator_loads_in_metadata(instance, storage, s3, monkeypat
         meta = latest_metadata(instance, "models_3d", key)
         assert meta["skipped_existing"] is False
         assert meta["worker"] == f"{socket.gethostname()}:{os.getpid()}" and meta["generator_loads"] == 1
+        assert meta["generator"] == {"backend": "extrude"}  # Generator.describe() of the backend that made it
     # not regenerated, by a process that never loaded a generator: the model's maker, as stored with it
     monkeypatch.setattr(base, "total_loads", 0, raising=False)
     assert materialize([image_to_model], instance=instance, resources=defs.resources, partition_key="one.png").success
     meta = latest_metadata(instance, "models_3d", "one.png")
     assert meta["skipped_existing"] is True and meta["generator_loads"] == 1
+    assert "generator" not in meta  # no backend was loaded for it
     assert meta["worker"] == f"{socket.gethostname()}:{os.getpid()}"

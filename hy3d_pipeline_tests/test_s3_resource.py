@@ -189,3 +189,18 @@ def test_listing_errors_are_translated(storage):
     with pytest.raises(S3AccessError) as err:
         list(storage.list_keys("no-such-bucket-hy3d"))
     assert err.value.code == "NoSuchBucket"
+
+
+def test_fast_listing_goes_through_botocores_http_session(storage):
+    """The listing's one botocore private (`client._endpoint.http_session`): a presigned page fetched through the
+    client's own session. `list_pages` falls back to boto3 when this breaks, slower but right, so only this test
+    notices a botocore change."""
+    from botocore.httpsession import URLLib3Session
+
+    from hy3d_pipeline.s3 import listing
+
+    client = storage.client()
+    assert isinstance(listing.http_session(client), URLLib3Session)
+    url = client.generate_presigned_url("list_objects_v2", Params={"Bucket": storage.images_bucket}, ExpiresIn=60)
+    status, body = listing._send(client, url)
+    assert status == 200 and b"<ListBucketResult" in body

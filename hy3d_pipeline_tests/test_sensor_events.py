@@ -19,6 +19,12 @@ from hy3d_pipeline_tests.conftest import Ticker
 
 @pytest.fixture
 def events_env(moto_server, monkeypatch, instance, tmp_path):
+    return make_events_env(moto_server, monkeypatch, instance, tmp_path)
+
+
+def make_events_env(moto_server, monkeypatch, instance, tmp_path) -> dict:
+    """A moto bucket that notifies a moto queue, the environment of a deployment in event mode on it, and a
+    Ticker on `instance`."""
     for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "S3_REGION": "us-east-1",
                         "S3_ENDPOINT_URL": moto_server, "HY3D_SQS_VISIBILITY_SECONDS": "2",
                         "S3_TEMP_DIR": str(tmp_path / "cache")}.items():
@@ -143,9 +149,8 @@ def test_refused_deletes_are_retried_then_kept_for_the_next_tick(events_env, cap
     cursor = Cursor.load(ticker.cursor)
     [seq] = cursor.pending
     pending = events.PendingDeletes(ticker.instance)
-    slot = pending._slot(seq)
-    saved = json.loads(ticker.instance.run_storage.get_cursor_values({slot})[slot])
-    pending.save(seq, saved["handles"] + ["not-a-receipt-handle"])  # one the queue will refuse
+    handles, _tries = pending.load(seq)
+    pending.save(seq, handles + ["not-a-receipt-handle"])  # one the queue will refuse
     ticker()
     assert queue_depth(events_env) == 0  # the good handle deleted
     assert seq in Cursor.load(ticker.cursor).pending  # the refused one kept for the next tick

@@ -114,14 +114,18 @@ def test_event_mode_requests_failed_images_again(events_env, monkeypatch):
 
 
 def test_rows_from_before_retries_are_read_as_one_attempt(ticker, s3, storage, monkeypatch):
-    """Catalog rows written by earlier versions (`etag|tick`) still take part in retries."""
+    """Catalog rows of the first format, written before retries were counted (`etag|tick`), still take part in
+    retries."""
+    from hy3d_pipeline.images.catalog import RequestedImages
+    from hy3d_pipeline_tests.conftest import write_first_format_rows
+
     monkeypatch.setenv("HY3D_RETRY_BACKOFF_SECONDS", "0")
     monkeypatch.setenv("HY3D_MAX_ATTEMPTS", "2")
     put(s3, storage.images_bucket, "old.png")
-    first = ticker()
-    row = "hy3d/images/old.png"
-    value = ticker.instance.run_storage.get_cursor_values({row})[row]
-    ticker.instance.run_storage.set_cursor_values({row: "|".join(value.split("|")[:2])})  # the old format
+    with monkeypatch.context() as old_version:
+        old_version.setattr(RequestedImages, "set", lambda self, etags, seq, **_: write_first_format_rows(
+            ticker.instance, {k: f"{v}|{seq}" for k, v in etags.items()}, seq))
+        first = ticker()
     assert execute(ticker, first) == [DagsterRunStatus.FAILURE]
     again = ticker()
     assert ticker.requested(again) == ["old.png"]

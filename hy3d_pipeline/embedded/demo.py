@@ -69,8 +69,7 @@ def download_model(storage, model_key: str):
 def recover_dead_runs(instance, out=print) -> list[str]:
     """A demo killed earlier (kill -9) left its run STARTED, holding the only `gpu` slot: fail it and free the
     slot. No daemon retries it here, so it is marked as not to be retried: the sensor requests its images again."""
-    from dagster._core.storage.tags import WILL_RETRY_TAG
-
+    from hy3d_pipeline.dagster_private import WILL_RETRY_TAG
     from hy3d_pipeline.fleet.liveness import fail_dead_runs
 
     failed = fail_dead_runs(instance, log=out)
@@ -80,10 +79,13 @@ def recover_dead_runs(instance, out=print) -> list[str]:
 
 
 def tick(defs, instance, cursor: str | None = None):
+    """The sensor's tick, evaluated as the daemon evaluates it."""
+    from hy3d_pipeline.dagster_private import evaluate_sensor
+
     sensor_def = defs.resolve_sensor_def("new_images_sensor")
     context = build_sensor_context(instance=instance, resources=defs.resources, definitions=defs, cursor=cursor,
                                    instance_ref=instance.get_ref())
-    return sensor_def.evaluate_tick(context)
+    return evaluate_sensor(sensor_def, context)
 
 
 def run_demo(out=print) -> int:

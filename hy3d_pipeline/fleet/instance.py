@@ -126,11 +126,13 @@ def _create_gpu_pool(instance, slots: int) -> None:
     """The `gpu` pool's row, made here rather than by whichever run or daemon first needs it: when two create it
     at once on Postgres, the loser's transaction is left aborted (Dagster 1.13 retries the insert as an update in
     the same transaction) and its run fails. A changed HY3D_GPU_SLOTS is applied the same way."""
-    storage = instance.event_log_storage
-    if not storage.supports_global_concurrency_limits:
+    from hy3d_pipeline.dagster_private import init_pool_to_default, pool_limits, set_pool_slots
+
+    pools = pool_limits(instance)
+    if pools is None:
         return
-    current = {pool.name: pool for pool in storage.get_pool_limits()}.get("gpu")
+    current = pools.get("gpu")
     if current is None:
-        storage.initialize_concurrency_limit_to_default("gpu")
+        init_pool_to_default(instance, "gpu")
     elif current.from_default and current.limit != slots:
-        storage.set_concurrency_slots("gpu", slots)
+        set_pool_slots(instance, "gpu", slots)

@@ -11,10 +11,10 @@ the worker elsewhere; no answer means the run is failed, frees its slot and is r
 from __future__ import annotations
 
 from dagster import Field, Noneable, StringSource
-from dagster._core.launcher import CheckRunHealthResult, WorkerStatus
 from dagster_celery.launcher import CeleryRunLauncher
 from dagster_celery.tags import DAGSTER_CELERY_TASK_ID_TAG
 
+from hy3d_pipeline.dagster_private import CheckRunHealthResult, WorkerStatus, launcher_instance
 from hy3d_pipeline.fleet import liveness
 from hy3d_pipeline.fleet.workers import app_args, route_queue
 
@@ -47,7 +47,7 @@ class WorkerRunLauncher(CeleryRunLauncher):
 
     def check_run_worker_health(self, run) -> CheckRunHealthResult:
         if DAGSTER_CELERY_TASK_ID_TAG not in run.tags:  # not launched here (in-process, `demo`): its own process
-            alive = liveness.run_alive(self._instance, run, None)
+            alive = liveness.run_alive(launcher_instance(self), run, None)
             if alive is False:
                 return CheckRunHealthResult(WorkerStatus.FAILED, "the process running this run is gone")
             # unknown (another machine's process) is not dead: monitoring fails every run not reported running

@@ -67,7 +67,7 @@ def run_process(instance, run) -> tuple[str, int] | None:
     host, _, pid = tag.rpartition(":")
     if host and pid.isdigit():
         return host, int(pid)
-    from dagster._core.launcher import DefaultRunLauncher
+    from dagster import DefaultRunLauncher
 
     if isinstance(instance.run_launcher, DefaultRunLauncher):  # it starts run processes on its own machine
         pid = _engine_pid(instance, run.run_id)
@@ -101,6 +101,8 @@ def fail_dead_runs(instance, log=None) -> list[str]:
     Returns the run ids it failed."""
     from dagster import DagsterRunStatus, RunsFilter
 
+    from hy3d_pipeline.dagster_private import free_pool_slots_for_run
+
     failed = []
     records = instance.get_run_records(RunsFilter(statuses=[DagsterRunStatus.STARTED, DagsterRunStatus.STARTING,
                                                             DagsterRunStatus.CANCELING]))
@@ -113,8 +115,7 @@ def fail_dead_runs(instance, log=None) -> list[str]:
         message = (f"the process running this run ({host}, pid {pid}) is gone: killed or crashed. Its images are "
                    "requested again; models already made are kept")
         instance.report_run_failed(run, message)
-        if instance.event_log_storage.supports_global_concurrency_limits:
-            instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
+        free_pool_slots_for_run(instance, run.run_id)
         failed.append(run.run_id)
         if log is not None:
             log(f"run {run.run_id}: {message}")

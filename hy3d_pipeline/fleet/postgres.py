@@ -16,7 +16,8 @@ import re
 from dagster_postgres.event_log import PostgresEventLogStorage
 from dagster_postgres.run_storage import PostgresRunStorage
 from dagster_postgres.schedule_storage import PostgresScheduleStorage
-from dagster_postgres.utils import get_token_provider_from_config, pg_url_from_config
+
+from hy3d_pipeline.dagster_private import pooled_postgres_storage
 
 _SCHEME = re.compile(r"^(postgres|postgresql)(\+[a-z0-9_]+)?://", re.I)
 POOL_RECYCLE_S = 3600
@@ -34,20 +35,11 @@ def redacted_url(url: str) -> str:
 
 
 class _Pooled:
-    def _pool_connections(self) -> None:
-        # statement_timeout 0: no limit (runs write large event batches); the pool is what we want from it
-        self.optimize_for_webserver(statement_timeout=0, pool_recycle=POOL_RECYCLE_S, max_overflow=POOL_OVERFLOW)
-
     @classmethod
     def from_config_value(cls, inst_data, config_value):
-        storage = cls(
-            inst_data=inst_data,
-            postgres_url=psycopg2_url(pg_url_from_config(config_value)),
-            should_autocreate_tables=config_value.get("should_autocreate_tables", True),
-            token_provider=get_token_provider_from_config(config_value),
-        )
-        storage._pool_connections()
-        return storage
+        # statement_timeout 0: no limit (runs write large event batches); the pool is what we want from it
+        return pooled_postgres_storage(cls, inst_data, config_value, psycopg2_url, statement_timeout=0,
+                                       pool_recycle=POOL_RECYCLE_S, max_overflow=POOL_OVERFLOW)
 
 
 class RunStorage(_Pooled, PostgresRunStorage):

@@ -18,8 +18,11 @@ from dataclasses import dataclass, field
 from urllib.parse import unquote_plus, urlsplit
 from hy3d_pipeline.settings import current
 
+from hy3d_pipeline.dagster_private import kv_get, kv_set
+
 _KEEP_TICKS = 3  # a handle the queue keeps refusing is stale (its message came back): stop trying
 _RING = 64  # slots for pending receipt handles; a slot is reused 64 ticks later, long after it was deleted
+_ROW_BYTES = 60_000  # of handles per key-value row: under the 65,535 bytes of MySQL TEXT, with room for the rest
 
 
 def sqs_client(url: str, region: str):
@@ -135,33 +138,70 @@ def receive(client, url: str, bucket: str, max_messages: int, visibility: int, b
 
 
 class PendingDeletes:
-    """Receipt handles of a tick's messages, kept until that tick is committed."""
+    """Receipt handles of a tick's messages, kept until that tick is committed.
+
+    A tick of 5,000 messages holds up to 5 MB of handles (SQS allows 1,024 characters each), more than one row of
+    the key-value table holds on every instance storage (MySQL TEXT: 65,535 bytes). So a tick's handles are split
+    over rows of at most _ROW_BYTES: the head (`hy3d/sqs/pending/<slot>`) says how many rows there are, the others
+    are `<head>/<n>`, and every row carries the tick number, so what a reused slot left behind is never read. The
+    head is written last: a tick that dies part way leaves the slot's previous head, which names another tick.
+    A head of the first format (every handle in it, no row count) reads the same."""
 
     def __init__(self, instance) -> None:
-        self._storage = instance.run_storage
+        self._instance = instance
 
     @staticmethod
     def _slot(seq: int) -> str:
         return f"hy3d/sqs/pending/{seq % _RING}"
 
+    def _write(self, seq: int, handles: list[str], tries: int = 0) -> None:
+        parts: list[list[str]] = [[]]
+        size = 0
+        for handle in handles:
+            cost = len(json.dumps(handle)) + 2
+            if parts[-1] and size + cost > _ROW_BYTES:
+                parts.append([])
+                size = 0
+            parts[-1].append(handle)
+            size += cost
+        head = self._slot(seq)
+        kv_set(self._instance, {f"{head}/{n}": json.dumps({"seq": seq, "handles": part})
+                                for n, part in enumerate(parts[1:], 1)})
+        kv_set(self._instance, {head: json.dumps({"seq": seq, "handles": parts[0], "rows": len(parts),
+                                                  **({"tries": tries} if tries else {})})})
+
     def save(self, seq: int, handles: list[str]) -> None:
-        self._storage.set_cursor_values({self._slot(seq): json.dumps({"seq": seq, "handles": handles})})
+        self._write(seq, handles)
+
+    def load(self, seq: int) -> tuple[list[str], int] | None:
+        """(handles, ticks that already tried to delete them) saved for tick `seq`; None when there are none."""
+        head = self._slot(seq)
+        raw = kv_get(self._instance, [head]).get(head)
+        data = json.loads(raw) if raw else {}
+        if data.get("seq") != seq:
+            return None
+        handles = list(data.get("handles", []))
+        names = [f"{head}/{n}" for n in range(1, int(data.get("rows", 1)))]
+        rows = kv_get(self._instance, names) if names else {}
+        for name in names:
+            part = json.loads(rows.get(name) or "{}")
+            # overwritten by a later tick of this slot that died before its head: those messages come back after
+            # their visibility timeout, and their images are already requested
+            if part.get("seq") == seq:
+                handles += part.get("handles", [])
+        return handles, int(data.get("tries", 0))
 
     def flush(self, client, url: str, seqs: list[int], log=None) -> list[int]:
         """Delete from the queue the messages of these committed ticks; returns the ticks whose handles the
         queue refused twice, kept for the next tick."""
         kept: list[int] = []
         for seq in seqs:
-            slot = self._slot(seq)
-            raw = self._storage.get_cursor_values({slot}).get(slot)
-            if not raw:
+            saved = self.load(seq)
+            if saved is None:
                 continue
-            data = json.loads(raw)
-            if data.get("seq") != seq:
-                continue
+            handles, tries = saved
             failed: list[str] = []
             failures: list[str] = []
-            handles = data.get("handles", [])
             for i in range(0, len(handles), 10):
                 chunk = handles[i:i + 10]
                 for attempt in range(2):
@@ -174,12 +214,12 @@ class PendingDeletes:
                     if attempt == 1:
                         failed += chunk
                         failures += [f"{f.get('Code', '?')}: {f.get('Message', '')}" for f in refused]
-            tries = int(data.get("tries", 0)) + 1
+            tries += 1
             if failed and tries < _KEEP_TICKS:
                 kept.append(seq)
-                self._storage.set_cursor_values({slot: json.dumps({"seq": seq, "handles": failed, "tries": tries})})
+                self._write(seq, failed, tries)
             else:
-                self._storage.set_cursor_values({slot: json.dumps({"seq": seq, "handles": []})})
+                self._write(seq, [])
             if failed and log is not None:
                 log(f"the queue refused to delete {len(failed)} message(s) of tick {seq} twice "
                     f"({'; '.join(sorted(set(failures)))[:300]}): "

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 from dagster import AssetObservation, RunRequest, SensorResult
 
+from hy3d_pipeline.dagster_private import existing_dynamic_partitions
 from hy3d_pipeline.images.catalog import DELETED, RequestedImages
 from hy3d_pipeline.images.partitions import (
     IMAGES_PARTITIONS_NAME,
@@ -128,21 +129,7 @@ def run_request_for(batch: list[str], etags: dict[str, str], seq: int = 0,
 def existing_partitions(instance, keys: list[str]) -> list[str]:
     """Which of `keys` are partitions already, in one query per 500 keys where the storage is SQL (SQLite opens
     a connection per `has_dynamic_partition` call: 100 keys cost 0.3 s), else key by key."""
-    storage = instance.event_log_storage
-    try:
-        from dagster._core.storage.event_log.schema import DynamicPartitionsTable
-        from dagster._core.storage.sqlalchemy_compat import db_select
-
-        table = DynamicPartitionsTable
-        found: set[str] = set()
-        for i in range(0, len(keys), _ADD_CHUNK):
-            query = db_select([table.c.partition]).where(
-                (table.c.partitions_def_name == IMAGES_PARTITIONS_NAME) & table.c.partition.in_(keys[i:i + _ADD_CHUNK]))
-            with storage.index_connection() as conn:
-                found.update(row[0] for row in conn.execute(query).fetchall())
-    except (ImportError, AttributeError):  # a storage or Dagster version without that table: the public way
-        return [k for k in keys if instance.has_dynamic_partition(IMAGES_PARTITIONS_NAME, k)]
-    return [k for k in keys if k in found]
+    return existing_dynamic_partitions(instance, IMAGES_PARTITIONS_NAME, keys)
 
 
 @dataclass

@@ -20,6 +20,7 @@ from datetime import datetime, timezone
 
 from dagster import AssetRecordsFilter, DagsterRunStatus, RunsFilter
 
+from hy3d_pipeline.dagster_private import WILL_RETRY_TAG
 from hy3d_pipeline.images.catalog import DELETED, RequestedImages
 from hy3d_pipeline.images.partitions import MODELS, RANGE_END_TAG, RANGE_START_TAG
 from hy3d_pipeline.settings import current
@@ -27,7 +28,6 @@ from hy3d_pipeline.settings import current
 SENSOR_TAG = "hy3d/sensor"
 TICK_TAG = "hy3d/tick"
 SENSOR_NAME = "new_images_sensor"
-WILL_RETRY_TAG = "dagster/will_retry"
 PARTITION_TAG = "dagster/partition"
 # runs ended this long before a tick are looked at again by the next one: a run storage may commit a status
 # change after its timestamp (a concurrent transaction), and looking twice is harmless (the row no longer matches)

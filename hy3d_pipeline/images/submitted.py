@@ -3,8 +3,9 @@
 A web app typically uploads an image and submits it at once, so a tick can list the new object before, while or
 after the client launches its run. Three records settle who runs it:
 
-- a submission under way: the client's first request (in the code location) writes `hy3d/submitting/<key>` =
-  ETag and time, *then* reads the sensor's catalog row of the image. If the sensor has requested that version,
+- a submission under way: the client's first request (in the code location) writes a row for the image (key
+  `hy3d/submitting/` + a digest of the partition key, which fits every instance storage; the partition key, ETag
+  and time inside), *then* reads the sensor's catalog row of the image. If the sensor has requested that version,
   the client takes the sensor's run instead of launching one (client_api.py);
 - a tick writes its catalog rows *then* reads the submissions under way: an image with one at the ETag it
   listed, younger than INTENT_TTL_S, is left out of its runs and its row says so (`client`, no attempt yet).
@@ -23,8 +24,6 @@ import json
 import time
 from collections.abc import Mapping
 from datetime import datetime, timezone
-
-from hy3d_pipeline.images.catalog import get_values, put_values
 
 CLIENT_TAG = "hy3d/client"
 ETAGS_TAG = "hy3d/etags"
@@ -65,16 +64,24 @@ def claimed(instance, after: float) -> tuple[dict[str, str], float]:
 
 def record_submissions(instance, etags: Mapping[str, str], now: float | None = None) -> None:
     """Record that a client is submitting these images (partition key -> ETag checked)."""
+    # imported here: hy3d_pipeline.client imports this module and must not import Dagster
+    from hy3d_pipeline.dagster_private import kv_key, kv_set
+
     now = time.time() if now is None else now
-    put_values(instance.run_storage, {INTENTS + k: f"{e}|{now:.3f}" for k, e in etags.items()})
+    kv_set(instance, {kv_key(INTENTS, k): json.dumps({"key": k, "etag": e, "at": now}, separators=(",", ":"))
+                      for k, e in etags.items()})
 
 
 def under_way(instance, etags: Mapping[str, str], now: float | None = None) -> set[str]:
     """The keys of `etags` that a client began submitting at that ETag less than INTENT_TTL_S ago."""
+    from hy3d_pipeline.dagster_private import kv_get, kv_key
+
     now = time.time() if now is None else now
     found = set()
-    for row_key, value in get_values(instance.run_storage, (INTENTS + k for k in etags)).items():
-        key, (etag, _, when) = row_key[len(INTENTS):], value.partition("|")
-        if etags.get(key) == etag and now - float(when or 0) < INTENT_TTL_S:
+    by_row = {kv_key(INTENTS, k): k for k in etags}
+    for row_key, value in kv_get(instance, by_row).items():
+        data, key = json.loads(value), by_row[row_key]
+        fresh = now - float(data.get("at", 0)) < INTENT_TTL_S
+        if data.get("key") == key and data.get("etag") == etags[key] and fresh:
             found.add(key)
     return found

@@ -40,12 +40,7 @@ from dagster import (
     RetryPolicy,
     multi_asset,
 )
-# not re-exported by dagster, yet what ties a check evaluation to the materialization it judged (without it the
-# UI shows the verdict as stale); AssetCheckResult builds the same object internally
-from dagster._core.definitions.asset_checks.asset_check_evaluation import (
-    AssetCheckEvaluationTargetMaterializationData,
-)
-
+from hy3d_pipeline.dagster_private import check_target
 from hy3d_pipeline.images.partitions import LOCAL, MODELS, SOURCE, images_partitions, relative_key_for
 from hy3d_pipeline.models.checks import CHECKS
 from hy3d_pipeline.models.resources import GeneratorResource, choice
@@ -120,9 +115,8 @@ def _check_evaluations(context: AssetExecutionContext, key: str, outcome, max_fa
 
     records = context.instance.fetch_materializations(
         AssetRecordsFilter(asset_key=MODELS, asset_partitions=[key]), limit=1).records
-    target = (AssetCheckEvaluationTargetMaterializationData(
-        storage_id=records[0].storage_id, run_id=records[0].run_id, timestamp=records[0].timestamp)
-        if records else None)
+    # without it the UI shows the verdict as stale
+    target = check_target(records[0]) if records else None
     for verdict in evaluate(outcome.figures, max_faces):
         if AssetCheckKey(MODELS, verdict.name) not in wanted:
             continue

@@ -121,6 +121,7 @@ class ModelOutcome:
     settings_fingerprint: str = ""  # of the settings the model was actually made with (see settings_used)
     octree_resolution: int | None = None  # Hunyuan3D's, as used (lower than asked after a CUDA OOM retry)
     worker: dict[str, Any] = field(default_factory=dict)  # base.worker_identity() where this outcome was made
+    generator: dict[str, Any] = field(default_factory=dict)  # Generator.describe() of the backend that made it now
     superseded: str = ""  # why nothing was uploaded: the source changed meanwhile (see _claim); else empty
     current_source_etag: str = ""
 
@@ -135,6 +136,7 @@ class ModelOutcome:
             **({"silhouette_iou": self.figures["silhouette_iou"]} if "silhouette_iou" in self.figures else {}),
             **({"thumbnail_url": self.thumbnail_url} if self.thumbnail_url else {}),
             **({"octree_resolution": self.octree_resolution} if self.octree_resolution is not None else {}),
+            **({"generator": self.generator} if self.generator else {}),
             **self.worker,
             **self.timings,
         }
@@ -469,6 +471,7 @@ def _generate_and_upload(storage: ImageStorage, source: ObjectInfo, settings: Ge
                             superseded=str(exc), current_source_etag=exc.current_etag,
                             worker=worker_identity())
     outcome.picture, outcome.input_preview, outcome.notes = picture, preview, notes
+    outcome.generator = generator.describe()
     # read right after the load that made this generator (generate_mesh), in the process that ran it
     outcome.worker = worker_identity()
     return outcome

@@ -56,11 +56,18 @@ def parse_page(xml: str) -> tuple[list[tuple[str, str, int]], str | None]:
     return items, token
 
 
+def http_session(client):
+    """The client's own botocore HTTP session (its verify, CA bundle and proxy settings). botocore's one private
+    API that we use (`client._endpoint.http_session`, unchanged since botocore 1.11); botocore has no public way
+    to send a prepared request through a client. test_s3_resource.py checks it, since `list_pages` falls back to
+    boto3 (slow, not wrong) when it fails."""
+    return client._endpoint.http_session
+
+
 def _send(client, url: str) -> tuple[int, bytes]:
     from botocore.awsrequest import AWSPreparedRequest
 
-    # private, but stable since botocore 1.11: the session that carries the client's verify/proxy settings
-    response = client._endpoint.http_session.send(AWSPreparedRequest("GET", url, {}, None, False))
+    response = http_session(client).send(AWSPreparedRequest("GET", url, {}, None, False))
     return response.status_code, response.content
 
 

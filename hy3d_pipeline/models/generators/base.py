@@ -1,9 +1,10 @@
 """The generator interface.
 
-Every backend (the CPU `extrude` default, the real `hunyuan3d` model, whatever comes next) is one module in
-this package exposing `build(settings) -> Generator` and `GENERATOR`, the class it builds. The pipeline, the
-seed API and the benchmarks only ever talk to this interface, so a new model is one new module and nothing
-else changes.
+Every backend (the CPU `extrude` default, the real `hunyuan3d` model, whatever comes next) is a callable
+`build(settings) -> Generator` declared in the entry point group `hy3d_pipeline.generators` (see `registry`),
+in this package or in any package installed beside it; its module also names `GENERATOR`, the class it builds.
+The pipeline, the seed API and the benchmarks only ever talk to this interface, so a new model is one new
+module (and its entry point) and nothing else changes.
 
 A backend also declares which settings it honours (`Generator.honours`): the idempotence fingerprint is
 taken over those alone, so a setting a backend ignores (the texture mode under `extrude`) never makes an
@@ -132,29 +133,49 @@ class Generator(ABC):
         """Generate a mesh for `image`. Must raise GenerationError (naming `image.name`) on failure."""
 
     def describe(self) -> dict[str, Any]:
-        """Facts about the loaded backend for metadata (device, model path...)."""
+        """Facts about the loaded backend (device, model path...), recorded as `generator` metadata on every
+        model it makes; JSON-serialisable."""
         return {"backend": self.name}
 
 
 def known_generators() -> tuple[str, ...]:
-    return ("extrude", "hunyuan3d")
+    """Names of the installed backends (declared by entry point; see `registry`), whether or not they can be
+    built here: `hy3d-pipeline generators` says which can."""
+    from hy3d_pipeline.models.generators import registry
+
+    return tuple(registry.installed())
+
+
+_classes: dict[str, type[Generator]] = {}  # backend name -> its class, found once per process
 
 
 def backend_class(name: str) -> type[Generator]:
-    """The Generator class of backend `name` (its module's `build` return type), without building it."""
-    if name not in known_generators():
+    """The Generator class of backend `name` (its module's `GENERATOR`), without building it. A GenerationError
+    names the installed backends when there is none of that name, or says why its module does not import."""
+    found = _classes.get(name)
+    if found is not None:
+        return found
+    from hy3d_pipeline.models.generators import registry
+
+    try:
+        backend = registry.find(name)
+        module = importlib.import_module(backend.target.partition(":")[0])
+    except LookupError as exc:
+        raise GenerationError(str(exc)) from None
+    except Exception as exc:
         raise GenerationError(
-            f"unknown generator {name!r} (HY3D_GENERATOR); use one of {', '.join(known_generators())}"
-        )
-    module = importlib.import_module(f"hy3d_pipeline.models.generators.{name}")
+            f"generator {name!r} ({backend.target}, from {backend.distribution}) cannot be imported: "
+            f"{type(exc).__name__}: {exc}") from exc
     # a backend that declares nothing is taken to honour every setting
-    return getattr(module, "GENERATOR", Generator)
+    found = _classes[name] = getattr(module, "GENERATOR", Generator)
+    return found
 
 
 def _honoured(name: str) -> frozenset[str] | None:
-    if name not in known_generators():
+    try:
+        honours = backend_class(name).honours
+    except GenerationError:
         return None  # nothing to ask: every setting counts (loading it fails with the real message)
-    honours = backend_class(name).honours
     return None if honours is None else honours | UNIVERSAL_SETTINGS
 
 
@@ -184,20 +205,38 @@ def _load_key(settings: GenerationSettings) -> tuple:
 
 def load_generator(settings: GenerationSettings) -> Generator:
     """The warm generator for these settings: built on first use in this process, reused afterwards."""
-    backend_class(settings.generator)  # an unknown name fails here, with the choices
     global total_loads
     key = _load_key(settings)
     with _lock:
         gen = _cache.get(key)
         if gen is None:
-            module = importlib.import_module(f"hy3d_pipeline.models.generators.{settings.generator}")
-            gen = module.build(settings)
+            gen = _build(settings)
             load_count[settings.generator] = load_count.get(settings.generator, 0) + 1
             total_loads += 1
             _cache.clear()  # one warm model per process: a new configuration frees the old one
             _cache[key] = gen
         gen.settings = settings  # same loaded model; this call's output format and texture mode
         return gen
+
+
+def _build(settings: GenerationSettings) -> Generator:
+    from hy3d_pipeline.models.generators import registry
+
+    backend_class(settings.generator)  # an unknown name or a module that does not import: the message says so
+    try:
+        backend = registry.find(settings.generator)
+        build = backend.load()
+    except LookupError as exc:
+        raise GenerationError(str(exc)) from None
+    except Exception as exc:
+        raise GenerationError(
+            f"generator {backend.name!r} ({backend.target}, from {backend.distribution}) cannot be imported: "
+            f"{type(exc).__name__}: {exc}") from exc
+    gen = build(settings)
+    if not isinstance(gen, Generator):
+        raise GenerationError(f"generator {backend.name!r}: {backend.target} returned {type(gen).__name__}, not a "
+                              "hy3d_pipeline.models.generators.Generator")
+    return gen
 
 
 def worker_identity() -> dict[str, Any]:

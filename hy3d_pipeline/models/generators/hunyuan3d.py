@@ -61,6 +61,24 @@ PAINT_SUBFOLDERS = ("hunyuan3d-delight-v2-0", "hunyuan3d-paint-v2-0")
 MIN_RETRY_OCTREE_RESOLUTION = 128
 
 
+# what `build` and generation import, all from the [hunyuan] extra
+_NEEDS = ("torch", "hy3dgen", "pymeshlab", "yaml")
+
+
+def missing(settings: GenerationSettings) -> list[str]:
+    """What `build(settings)` would miss, found without importing anything heavy (the registry's listing):
+    packages of the [hunyuan] extra, and the weights of these settings."""
+    from importlib.util import find_spec
+
+    gone = [name for name in _NEEDS if find_spec(name) is None]
+    problems = [f"{', '.join(gone)} (pip install 'hy3d-pipeline[hunyuan]')"] if gone else []
+    try:
+        check_local_model(settings.model_path, settings.model_subfolder)
+    except GenerationError as exc:
+        problems.append(str(exc))
+    return problems
+
+
 def models_root() -> str:
     return current().models_root
 
