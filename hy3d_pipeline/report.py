@@ -123,7 +123,8 @@ def collect(instance, storage, partitions: Iterable[str], progress: Callable[[in
                 if not evaluation.passed:
                     entry.status = "error" if severity == "ERROR" or entry.status == "error" else "warning"
         failure = failures.get(partition)
-        if failure is not None and (model is None or failure[0] > model.storage_id):
+        # by time, not storage id: on SQLite each run has its own event database, and their ids do not compare
+        if failure is not None and (model is None or failure[2] > model.timestamp):
             _, entry.failure, entry.when, entry.run_id = failure
             entry.status = "failed"
         if not entry.input_inline:
