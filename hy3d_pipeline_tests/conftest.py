@@ -52,10 +52,9 @@ def s3(storage):
 
 
 @pytest.fixture
-def instance():
-    from dagster import instance_for_test
-
-    with instance_for_test() as inst:
+def instance(tmp_path_factory):
+    """A SQLite instance as `demo`/`dev`/`worker` write it (hy3d_pipeline.fleet.sqlite's classes)."""
+    with instance_on("sqlite", None, folder=tmp_path_factory.mktemp("dagster")) as inst:
         yield inst
 
 
@@ -75,28 +74,36 @@ def mysql_server():
         yield server
 
 
-# every instance storage Dagster ships: SQLite, PostgreSQL (through this project's pooled storages, what
+# every instance storage Dagster ships: SQLite and PostgreSQL through this project's storages (what
 # `demo`/`dev`/`worker` write into dagster.yaml), MySQL (dagster-mysql's own)
 STORAGES = ("sqlite", "postgres", "mysql")
 
 
 @contextlib.contextmanager
-def instance_on(kind: str, request, overrides: dict | None = None):
-    """A Dagster instance on `kind` storage, in a database of its own; `request` is the calling fixture's."""
+def instance_on(kind: str, request, overrides: dict | None = None, folder=None):
+    """A Dagster instance on `kind` storage, in a database of its own; `request` is the calling fixture's (SQLite
+    takes a `folder` instead, or a temporary one)."""
+    import tempfile
+
     from dagster import instance_for_test
+
+    from hy3d_pipeline.fleet.instance import sqlite_storage
 
     name = f"t{uuid.uuid4().hex[:12]}"
     storage: dict = {}
-    if kind == "postgres":
+    stack = contextlib.ExitStack()
+    if kind == "sqlite":
+        storage = sqlite_storage(folder or stack.enter_context(tempfile.TemporaryDirectory(prefix="hy3d-dagster-")))
+    elif kind == "postgres":
         url = request.getfixturevalue("postgres_server").database(name)
         storage = {section: {"module": "hy3d_pipeline.fleet.postgres", "class": cls, "config": {"postgres_url": url}}
                    for section, cls in (("run_storage", "RunStorage"), ("event_log_storage", "EventLogStorage"),
                                         ("schedule_storage", "ScheduleStorage"))}
     elif kind == "mysql":
         storage = {"storage": {"mysql": {"mysql_url": request.getfixturevalue("mysql_server").database(name)}}}
-    elif kind != "sqlite":
+    else:
         raise ValueError(kind)
-    with instance_for_test(overrides={**storage, **(overrides or {})}) as inst:
+    with stack, instance_for_test(overrides={**storage, **(overrides or {})}) as inst:
         yield inst
 
 

@@ -294,3 +294,17 @@ def test_no_private_dagster_api_outside_its_module():
             if p.name != "dagster_private.py"}
     assert {p: u for p, u in uses.items() if u} == {}
     assert _private_uses(PACKAGE / "dagster_private.py")  # the scan does see them where they are
+
+
+def test_sqlite_storages_have_what_fleet_sqlite_overrides(tmp_path):
+    """fleet/sqlite.py replaces these of Dagster's SQLite classes (test_sqlite_storage.py runs them for real)."""
+    runs, events, schedules = private.SQLITE_STORAGES
+    for cls in (runs, schedules):
+        assert callable(cls.from_local) and callable(cls.connect)
+        assert cls.from_local(str(tmp_path / cls.__name__))._conn_string.startswith("sqlite:///")
+    for name in ("_connect", "_initdb", "has_table", "wipe", "conn_string_for_shard", "dispose"):
+        assert callable(getattr(events, name)), name
+    storage = events(str(tmp_path / "events"))
+    assert isinstance(storage._initialized_dbs, set) and hasattr(storage._db_lock, "acquire")
+    assert list(inspect.signature(events._connect).parameters) == ["self", "shard"]
+    assert private.SQLITE_BUSY_TIMEOUT_S > 0

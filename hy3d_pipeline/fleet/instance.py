@@ -3,7 +3,8 @@
 It refers to the environment (`{env: DAGSTER_PG_URL}`, `{env: HY3D_BROKER_URL}`) rather than copying values,
 so it loads in any process that has the same environment variables and never holds a password. What it sets
 up, and why:
-- storage: SQLite in the home folder (Dagster's layout), or Postgres when DAGSTER_PG_URL is set (any URL form; see postgres.py);
+- storage: SQLite in the home folder (Dagster's own files and layout, engines kept; see sqlite.py), or Postgres
+  when DAGSTER_PG_URL is set (any URL form, pooled; see postgres.py);
 - runs go to long-lived generation workers (launcher.py) that keep the model warm across runs;
 - the `gpu` pool limits steps, not runs (`granularity: op`), and lets as many runs as there are slots wait
   launched (`op_granularity_run_buffer`), so the next batch's launch overlaps the current batch's work instead
@@ -16,6 +17,8 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+
+import yaml
 
 from hy3d_pipeline.settings import current
 
@@ -39,6 +42,16 @@ schedule_storage:
   config:
     postgres_url: {env: DAGSTER_PG_URL}
 """
+
+def sqlite_storage(home: Path | str) -> dict:
+    """The storage sections of a SQLite home: the files of Dagster's default layout (`InstanceRef.from_dir`),
+    through sqlite.py's classes, which keep their database engines."""
+    folders = {"run_storage": ("RunStorage", ("history", "")),
+               "event_log_storage": ("EventLogStorage", ("history", "runs", "")),
+               "schedule_storage": ("ScheduleStorage", ("schedules",))}
+    return {section: {"module": "hy3d_pipeline.fleet.sqlite", "class": cls,
+                      "config": {"base_dir": os.path.join(home, *sub)}} for section, (cls, sub) in folders.items()}
+
 
 _LAUNCHER_WORKERS = """\
 run_launcher:
@@ -83,7 +96,8 @@ def instance_yaml(home: Path, launcher: str | None = None) -> str:
     parts = [HEADER + "\n"]
     if settings.pg_url:
         parts.append(_STORAGE_POSTGRES)
-    # else Dagster's own SQLite layout in the home folder, where an existing home keeps its history
+    else:  # Dagster's own SQLite layout in the home folder, where an existing home keeps its history
+        parts.append(yaml.safe_dump(sqlite_storage(home), sort_keys=False))
     if launcher == "workers":
         broker = "    broker: {env: HY3D_BROKER_URL}\n" if settings.broker_url else ""
         parts.append(_LAUNCHER_WORKERS.format(broker=broker, queue=settings.worker_queue,
