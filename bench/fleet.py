@@ -24,6 +24,7 @@ load is a real one. Timings are printed, never asserted.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
@@ -42,8 +43,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 from dev_end_to_end import image  # noqa: E402  (the same images as the dev bench)
 
 
-def count_models(s3, bucket: str) -> int:
-    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix="models/")
+def count_models(s3, bucket: str, prefix: str = "models/") -> int:
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
     return sum(1 for page in pages for o in page.get("Contents", []) if o["Key"].endswith(".glb"))
 
 
@@ -117,42 +118,50 @@ def _client(s3_env: dict):
                         aws_secret_access_key=s3_env["AWS_SECRET_ACCESS_KEY"])
 
 
-def event_cost(s3_env: dict, bucket: str, n: int, tmp: Path, pg: PostgresServer) -> list[tuple[str, float, float]]:
-    """(storage, s/image of one in-process run over `bucket`'s images, the same minus the plain loop's), the loop
-    measured right before each run so that load on the machine falls on both alike."""
+def event_cost(server, s3_env: dict, n: int, tmp: Path, pg: PostgresServer) -> list[tuple[str, float, float]]:
+    """(storage, s/image of one in-process run over n images, the same minus the plain loop's): each storage gets
+    a bucket of its own with the same images, and the loop runs right before its run over the same bucket (models
+    under another prefix), so that load on the machine falls on both alike."""
     import yaml
     from dagster import DagsterInstance, materialize
 
     from hy3d_pipeline.definitions import build_defs
+    from hy3d_pipeline.fleet.instance import sqlite_storage
     from hy3d_pipeline.fleet.postgres import psycopg2_url
     from hy3d_pipeline.models.assets import image_to_model
 
-    os.environ.update({**s3_env, "S3_IMAGES_BUCKET": bucket, "S3_MODELS_PREFIX": "models/"})
     keys = [f"img/{i:04d}.png" for i in range(n)]
-    stock = {"storage": {"postgres": {"postgres_url": psycopg2_url(pg.database("stock"))}}}
     pooled_url = pg.database("pooled")
     pooled = {k: {"module": "hy3d_pipeline.fleet.postgres", "class": c, "config": {"postgres_url": pooled_url}}
               for k, c in (("run_storage", "RunStorage"), ("event_log_storage", "EventLogStorage"),
                            ("schedule_storage", "ScheduleStorage"))}
+    variants = (
+        ("SQLite, Dagster's classes", lambda home: {}),
+        ("SQLite, hy3d_pipeline.fleet.sqlite", sqlite_storage),
+        ("Postgres, dagster-postgres as shipped",
+         lambda home: {"storage": {"postgres": {"postgres_url": psycopg2_url(pg.database("stock"))}}}),
+        ("Postgres, hy3d_pipeline.fleet.postgres", lambda home: pooled),
+    )
     results = []
-    for label, config in (("SQLite", {}), ("Postgres, dagster-postgres as shipped", stock),
-                          ("Postgres, hy3d_pipeline.fleet.postgres", pooled)):
-        home = tmp / f"events-{len(results)}"
+    for i, (label, config) in enumerate(variants):
+        bucket = f"events-{i}"
+        server.create_buckets(bucket)
+        upload(_client(s3_env), bucket, n)
+        loop_s = plain_loop(s3_env, bucket, n, tmp, models_prefix="loop/")
+        home = tmp / f"events-{i}"
         home.mkdir()
-        (home / "dagster.yaml").write_text(yaml.safe_dump({**config, "telemetry": {"enabled": False}}))
+        (home / "dagster.yaml").write_text(yaml.safe_dump({**config(str(home)), "telemetry": {"enabled": False}}))
+        os.environ.update({"S3_IMAGES_BUCKET": bucket, "S3_MODELS_PREFIX": "models/"})
         with DagsterInstance.from_config(str(home)) as instance:
             instance.add_dynamic_partitions("images", keys)
-            defs = build_defs()
-            resources = {**defs.resources, "storage": defs.resources["storage"].model_copy(
-                update={"models_prefix": f"events{len(results)}/"})}
-            loop_s = plain_loop(s3_env, bucket, n, tmp, models_prefix=f"events-loop{len(results)}/")
-            os.environ["S3_MODELS_PREFIX"] = "models/"
             t0 = time.perf_counter()
-            materialize([image_to_model], instance=instance, resources=resources,
-                        tags={"dagster/asset_partition_range_start": keys[0],
-                              "dagster/asset_partition_range_end": keys[-1]})
+            result = materialize([image_to_model], instance=instance, resources=build_defs().resources,
+                                 tags={"dagster/asset_partition_range_start": keys[0],
+                                       "dagster/asset_partition_range_end": keys[-1]})
             run_s = time.perf_counter() - t0
-            results.append((label, run_s / n, (run_s - loop_s) / n))
+        made = count_models(_client(s3_env), bucket)  # the run's, under models/ (the loop's are under loop/)
+        assert result.success and made == n, f"{label}: {made} of {n} models made by the run"
+        results.append((label, run_s / n, (run_s - loop_s) / n))
     return results
 
 
@@ -199,12 +208,16 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=1800)
     parser.add_argument("--variants", default="default,workers1,workers2")
     parser.add_argument("--real-size", type=int, default=0, metavar="N", help="images for the 2mini-size variant")
+    parser.add_argument("--events", type=int, default=32, help="images of the in-process storage runs (0: none)")
+    parser.add_argument("--folder", default=None, help="keep the variants' folders (logs) here, not in a temp dir")
     args = parser.parse_args()
 
     from hy3d_pipeline.embedded.seaweedfs import SeaweedS3
 
-    with tempfile.TemporaryDirectory() as tmp_name, PostgresServer() as pg, RedisServer() as redis_server:
+    with (tempfile.TemporaryDirectory() if args.folder is None else contextlib.nullcontext(args.folder)) as tmp_name, \
+            PostgresServer() as pg, RedisServer() as redis_server:
         tmp = Path(tmp_name)
+        tmp.mkdir(parents=True, exist_ok=True)
         with SeaweedS3(data_dir=tmp / "s3") as server:
             s3_env = {**server.client_env(), "HY3D_GENERATOR": "extrude"}
             os.environ.update(s3_env)
@@ -228,9 +241,10 @@ def main() -> None:
             if "workers1" in by and "workers2" in by:
                 print(f"2 workers: {by['workers1']['seconds'] / by['workers2']['seconds']:.2f}x the throughput of 1")
 
-            n = min(32, args.images)
-            print(f"\nOne in-process run of {n} images per storage, and its cost beyond a plain loop run just before:")
-            for label, per_image, cost in event_cost(s3_env, buckets["loop"], n, tmp, pg):
+            n = args.events
+            if n:
+                print(f"\nOne in-process run of {n} images per storage, and its cost beyond a plain loop run just before:")
+            for label, per_image, cost in (event_cost(server, s3_env, n, tmp, pg) if n else []):
                 print(f"  {label:<42}{per_image:>8.3f} s/image, {cost:>+8.3f} s/image beyond the loop")
             if args.real_size:
                 real_size(args, s3_env, server, pg, redis_server, tmp)

@@ -33,6 +33,8 @@ Each wrapper, what it uses, and why (the public API that is missing):
   does it publicly.
 - `pooled_postgres_storage`: dagster-postgres's constructors, `dagster_postgres.utils`, `optimize_for_webserver`.
   One pooled connection per storage outside the webserver; there is no setting for it.
+- `KnownTables`: an event log storage's `has_table`, asked before many writes (each asset event's tags): on
+  Postgres it opened a second connection beside the pooled one for every such event. A table once there stays.
 - `SQLITE_STORAGES`, `SQLITE_BUSY_TIMEOUT_S`: Dagster's SQLite run, event log and schedule storages
   (`dagster._core.storage.*`) and their busy timeout. fleet/sqlite.py subclasses them to keep their database
   engines (they create one per operation); no setting or public class does it.
@@ -75,7 +77,7 @@ __all__ = [
     "backfill_partition_keys", "check_target", "evaluate_sensor", "existing_dynamic_partitions",
     "free_pool_slots_for_run", "init_pool_to_default", "kv_get", "kv_key", "kv_set", "latest_check_executions",
     "launcher_instance", "partitions_by_query", "pool_limits", "pooled_postgres_storage", "set_pool_slots",
-    "SQLITE_STORAGES", "SQLITE_BUSY_TIMEOUT_S",
+    "KnownTables", "SQLITE_STORAGES", "SQLITE_BUSY_TIMEOUT_S",
 ]
 
 # --- the instance's key-value table -------------------------------------------------------------------------
@@ -263,3 +265,13 @@ def pooled_postgres_storage(cls, inst_data, config_value, url_for, **pool):
 # run, event log, schedule: each connects through `connect()` (runs, schedules) or `_connect(shard)` (events), with
 # a `_conn_string` or `conn_string_for_shard`; `from_local` (runs, schedules) creates the tables
 SQLITE_STORAGES = (SqliteRunStorage, SqliteEventLogStorage, SqliteScheduleStorage)
+
+
+class KnownTables:
+    """Mixin for an event log storage: `has_table` asks the database only until the table is there."""
+
+    def has_table(self, table_name: str) -> bool:
+        known = self.__dict__.setdefault("_hy3d_known_tables", set())
+        if table_name not in known and super().has_table(table_name):
+            known.add(table_name)
+        return table_name in known

@@ -7,6 +7,8 @@ installed every event write fails on `NOTIFY run_events, $1`. dagster-postgres s
 Outside the webserver dagster-postgres opens a new connection for every operation (a NullPool): a run of 8
 images spent more time connecting than working. These storages keep one pooled connection per storage instead
 (dagster-postgres's own webserver setting), which a run worker, the daemon and a Celery worker process all reuse.
+The event log also remembers which tables exist: asking opened a second connection beside the pooled one (and
+closed it again) for every asset event with tags.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from dagster_postgres.event_log import PostgresEventLogStorage
 from dagster_postgres.run_storage import PostgresRunStorage
 from dagster_postgres.schedule_storage import PostgresScheduleStorage
 
-from hy3d_pipeline.dagster_private import pooled_postgres_storage
+from hy3d_pipeline.dagster_private import KnownTables, pooled_postgres_storage
 
 _SCHEME = re.compile(r"^(postgres|postgresql)(\+[a-z0-9_]+)?://", re.I)
 POOL_RECYCLE_S = 3600
@@ -46,7 +48,7 @@ class RunStorage(_Pooled, PostgresRunStorage):
     pass
 
 
-class EventLogStorage(_Pooled, PostgresEventLogStorage):
+class EventLogStorage(KnownTables, _Pooled, PostgresEventLogStorage):
     pass
 
 

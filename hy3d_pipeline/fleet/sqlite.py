@@ -22,7 +22,7 @@ from contextlib import contextmanager
 
 from sqlalchemy import create_engine
 
-from hy3d_pipeline.dagster_private import SQLITE_BUSY_TIMEOUT_S, SQLITE_STORAGES
+from hy3d_pipeline.dagster_private import SQLITE_BUSY_TIMEOUT_S, SQLITE_STORAGES, KnownTables
 
 _SqliteRunStorage, _SqliteEventLogStorage, _SqliteScheduleStorage = SQLITE_STORAGES
 KEPT_SHARDS = 8  # a process writes one run's shard at a time; readers (the webserver) look at a few
@@ -104,10 +104,9 @@ class ScheduleStorage(_OneFile, _SqliteScheduleStorage):
     pass
 
 
-class EventLogStorage(_SqliteEventLogStorage):
+class EventLogStorage(KnownTables, _SqliteEventLogStorage):
     def __init__(self, base_dir: str, inst_data=None) -> None:
         self._kept = _Engines(KEPT_SHARDS + 1, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S})
-        self._tables: set[str] = set()
         super().__init__(base_dir, inst_data=inst_data)
 
     @classmethod
@@ -123,15 +122,6 @@ class EventLogStorage(_SqliteEventLogStorage):
                 self._initialized_dbs.add(shard)
             with _transaction(engine) as conn:
                 yield conn
-
-    def has_table(self, table_name: str) -> bool:
-        # asked before many queries; a table, once there, stays (only a missing one is asked again)
-        if table_name not in self._tables:
-            engine = self._kept.get(self.conn_string_for_shard("index"))
-            with engine.connect() as conn:
-                if engine.dialect.has_table(conn, table_name):
-                    self._tables.add(table_name)
-        return table_name in self._tables
 
     def wipe(self) -> None:
         with self._db_lock:

@@ -3,8 +3,13 @@
 They are one subsettable multi-asset step rather than three steps because a failed image must not stop the
 others: with separate steps, one bad key failing `local_images` would skip `models_3d` for every key of the run.
 Here each key goes as far as it can, good keys are recorded as materialized, and the step fails at the end naming
-only the bad ones. One step also lets the next image download while the current one generates, and the whole
-step runs in the `gpu` pool. Selecting a single asset in the UI works too (`can_subset`).
+only the bad ones. Selecting a single asset in the UI works too (`can_subset`). The whole step runs in the `gpu` pool.
+
+Inside the step, three kinds of work overlap: two threads download the next images, one thread generates (fetch
+result, generate, measure, upload: `processing.py`), and the step's own thread records what the previous image
+made. Recording is Dagster storage round trips (about a dozen events per image), which would otherwise add to
+every image's time; the generation thread never writes to Dagster, so event order and storage connections stay
+the step thread's. At most two images' results are in memory.
 
 The asset checks on `models_3d` (checks.py) run in the same step, right after each model is made, while its
 mesh and the input's mask are in memory. They are partitioned like the asset: each key's evaluation is recorded
@@ -14,9 +19,10 @@ from the step, and a batch step spans a range), so the step records `AssetCheckE
 
 
 import socket
-import time
+import threading
 import warnings
-from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any, Optional
 
 from dagster import (
@@ -60,6 +66,16 @@ def step_failures(failure_data) -> dict[str, str] | None:
     return {str(k): str(v) for k, v in failed.value.items()} if failed is not None and isinstance(
         failed.value, dict) else None
 PREFETCH = 2
+
+
+@dataclass
+class _Image:
+    """One image's attempts, made in the generation thread, for the step's thread to record."""
+
+    records: list = field(default_factory=list)  # AssetMaterialization / AssetObservation, in order
+    logs: list[tuple[str, str]] = field(default_factory=list)  # (level, message)
+    judged: Any = None  # the ModelOutcome the checks judge
+    failure: tuple[str, bool] | None = None  # (message, transient)
 
 
 FORMAT_CHOICES, TEXTURE_CHOICES = choice(OutputFormat), choice(TextureMode)
@@ -206,86 +222,125 @@ def image_to_model(context: AssetExecutionContext, config: ModelsRunConfig, stor
     todo = [k for k in keys if k not in done]
     attempts, first_delay = current().image_attempts, current().image_retry_delay
 
+    def one_image(key: str, download: Future) -> _Image:
+        """Every attempt at one image, in the generation thread: what to record, say and whether it failed.
+        Nothing here writes to Dagster: the step's thread records it while this thread goes on to the next."""
+        image = _Image()
+        emitted: dict[AssetKey, str] = {}  # asset -> ETag recorded, so a retry records a version only once
+        if stopping.is_set():  # the step is ending: no new image is started
+            image.failure = ("not processed: the step was stopped", True)
+            return image
+        for attempt in range(attempts):
+            path, failure = None, None
+            try:
+                # a retry fetches afresh (HEAD too): the fault may have been the object changing
+                got = download.result() if attempt == 0 else get(key)
+                info, path = got.info, got.path
+                if SOURCE in selected and emitted.get(SOURCE) != info.etag:
+                    emitted[SOURCE] = info.etag
+                    image.records.append(AssetMaterialization(asset_key=SOURCE, partition=key,
+                                                             metadata=_source_metadata(info),
+                                                             tags={DATA_VERSION_TAG: info.etag}))
+                if got.error is not None:
+                    raise got.error
+                if LOCAL in selected and emitted.get(LOCAL) != info.etag:
+                    emitted[LOCAL] = info.etag
+                    image.records.append(AssetMaterialization(asset_key=LOCAL, partition=key, metadata={
+                        **_inline(got.preview, "thumbnail"), "path": MetadataValue.path(str(path)),
+                        "host": host, "etag": info.etag, "size": info.size, **(got.facts or {}),
+                    }))
+                if MODELS in selected:
+                    outcome = process_object(storage, info, key, settings, got.timer, local_path=path, copies=copies)
+                    if outcome.superseded:
+                        # not a failure (a retry would only be superseded again) and not a materialization (the
+                        # model in S3 is the newer version's): an observation says what happened
+                        image.logs.append(("warning", f"image {key!r}: {outcome.superseded}"))
+                        image.records.append(AssetObservation(asset_key=MODELS, partition=key, metadata={
+                            "superseded": True, "message": outcome.superseded, "source_etag": info.etag,
+                            "current_source_etag": outcome.current_source_etag,
+                            "model_url": MetadataValue.text(outcome.model_url), **outcome.worker}))
+                    else:
+                        image.records.append(AssetMaterialization(asset_key=MODELS, partition=key,
+                                                                 metadata=_model_metadata(outcome, info, settings)))
+                        image.judged = outcome
+                elif checks:  # the checks alone (the UI's "Execute checks"): judge the model there is
+                    image.judged = existing_for_checks(storage, info, settings, got.timer, path, copies)
+            except StorageError as exc:
+                failure = (str(exc), exc.transient)
+            except (GenerationError, ValueError) as exc:  # ImageRejected is a ValueError
+                failure = (str(exc), False)
+            except Exception as exc:  # noqa: BLE001 - one image's surprise must not cost the others theirs
+                failure = (f"{type(exc).__name__}: {exc}", False)
+            except BaseException:  # an interrupt, an exit: the step ends, and the image queued next is not begun
+                stopping.set()
+                raise
+            finally:
+                # a copy stays only when `local_images` was materialized for inspection, nothing used it up
+                if MODELS in selected or LOCAL not in selected:
+                    copies.release(path)
+                else:
+                    copies.keep(path)
+            image.failure = failure
+            if failure is None or not failure[1] or attempt + 1 == attempts or stopping.is_set():
+                break
+            # transient: this image alone is tried again, the good ones of the batch are not redone
+            delay = first_delay * 2 ** attempt
+            image.logs.append(("warning", f"image {key!r} failed (attempt {attempt + 1} of {attempts}), "
+                                         f"retrying in {delay:g} s: {failure[0]}"))
+            stopping.wait(delay)
+        return image
+
+    def get(key: str) -> Fetched:
+        return fetch(storage, copies, relative_key_for(key), download=want_local, verify=LOCAL in selected)
+
+    position = {k: n for n, k in enumerate(keys, 1)}  # progress counts over the whole run, retries included
+    stopping = threading.Event()
     with LocalCopies(storage) as copies:
-        pool = ThreadPoolExecutor(max_workers=PREFETCH, thread_name_prefix="hy3d-fetch")
-        futures: dict[str, Future] = {}
+        fetching = ThreadPoolExecutor(max_workers=PREFETCH, thread_name_prefix="hy3d-fetch")
+        # one generation thread: the generator is used by one thread at a time, and the step's thread writes
+        # the previous image's events (Dagster storage round trips) while this one generates
+        generating = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hy3d-generate")
+        downloads: dict[str, Future] = {}
+        images: dict[str, Future] = {}
 
-        def get(key: str) -> Fetched:
-            return fetch(storage, copies, relative_key_for(key), download=want_local, verify=LOCAL in selected)
+        def submit(i: int) -> None:
+            for ahead in todo[i:i + PREFETCH + 1]:  # the next images download while this one generates
+                if ahead not in downloads:
+                    downloads[ahead] = fetching.submit(get, ahead)
+            if todo[i] not in images:
+                images[todo[i]] = generating.submit(one_image, todo[i], downloads[todo[i]])
 
-        position = {k: n for n, k in enumerate(keys, 1)}  # progress counts over the whole run, retries included
         try:
             for i, key in enumerate(todo):
-                for k in todo[i:i + PREFETCH + 1]:  # the next images download while this one generates
-                    if k not in futures:
-                        futures[k] = pool.submit(get, k)
-                emitted: dict[AssetKey, str] = {}  # asset -> ETag recorded, so a retry records a version only once
-                for attempt in range(attempts):
-                    path = None
-                    progress.report(context.log, position[key], len(keys), key, "downloading")
-                    try:
-                        # a retry fetches afresh (HEAD too): the fault may have been the object changing
-                        got = futures.pop(key).result() if attempt == 0 else get(key)
-                        info, path = got.info, got.path
-                        if SOURCE in selected and emitted.get(SOURCE) != info.etag:
-                            emitted[SOURCE] = info.etag
-                            yield AssetMaterialization(asset_key=SOURCE, partition=key,
-                                                       metadata=_source_metadata(info),
-                                                       tags={DATA_VERSION_TAG: info.etag})
-                        if got.error is not None:
-                            raise got.error
-                        if LOCAL in selected and emitted.get(LOCAL) != info.etag:
-                            emitted[LOCAL] = info.etag
-                            yield AssetMaterialization(asset_key=LOCAL, partition=key, metadata={
-                                **_inline(got.preview, "thumbnail"), "path": MetadataValue.path(str(path)),
-                                "host": host, "etag": info.etag, "size": info.size, **(got.facts or {}),
-                            })
-                        if MODELS in selected:
-                            progress.report(context.log, position[key], len(keys), key, "generating")
-                            outcome = process_object(storage, info, key, settings, got.timer, local_path=path,
-                                                     copies=copies)
-                            if outcome.superseded:
-                                # not a failure (a retry would only be superseded again) and not a materialization
-                                # (the model in S3 is the newer version's): an observation says what happened
-                                context.log.warning(f"image {key!r}: {outcome.superseded}")
-                                yield AssetObservation(asset_key=MODELS, partition=key, metadata={
-                                    "superseded": True, "message": outcome.superseded, "source_etag": info.etag,
-                                    "current_source_etag": outcome.current_source_etag,
-                                    "model_url": MetadataValue.text(outcome.model_url), **outcome.worker})
-                            else:
-                                yield AssetMaterialization(asset_key=MODELS, partition=key,
-                                                           metadata=_model_metadata(outcome, info, settings))
-                                yield from _check_evaluations(context, key, outcome, settings.max_faces, checks)
-                        elif checks:  # the checks alone (the UI's "Execute checks"): judge the model there is
-                            outcome = existing_for_checks(storage, info, settings, got.timer, path, copies)
-                            yield from _check_evaluations(context, key, outcome, settings.max_faces, checks)
-                        failures.pop(key, None)
-                    except StorageError as exc:
-                        failures[key] = (str(exc), exc.transient)
-                    except (GenerationError, ValueError) as exc:  # ImageRejected is a ValueError
-                        failures[key] = (str(exc), False)
-                    except Exception as exc:  # noqa: BLE001 - one image's surprise must not cost the others theirs
-                        failures[key] = (f"{type(exc).__name__}: {exc}", False)
-                    finally:
-                        # a copy stays only when `local_images` was materialized for inspection, nothing used it up
-                        if MODELS in selected or LOCAL not in selected:
-                            copies.release(path)
-                        else:
-                            copies.keep(path)
-                    if key not in failures or not failures[key][1] or attempt + 1 == attempts:
-                        break
-                    # transient: this image alone is tried again, the good ones of the batch are not redone
-                    delay = first_delay * 2 ** attempt
-                    context.log.warning(f"image {key!r} failed (attempt {attempt + 1} of {attempts}), "
-                                        f"retrying in {delay:g} s: {failures[key][0]}")
-                    time.sleep(delay)
-                if key in failures:
+                progress.report(context.log, position[key], len(keys), key, "downloading")
+                for n in range(i, min(i + 2, len(todo))):  # this image, and the next queued behind it: two in memory
+                    submit(n)
+                fetched = downloads.pop(key)
+                if MODELS in selected:
+                    wait([fetched])
+                    progress.report(context.log, position[key], len(keys), key, "generating")
+                result = images.pop(key).result()
+                for level, message in result.logs:
+                    getattr(context.log, level)(message)
+                for record in result.records:
+                    yield record
+                    if record.asset_key == MODELS and isinstance(record, AssetMaterialization):
+                        yield from _check_evaluations(context, key, result.judged, settings.max_faces, checks)
+                if result.judged is not None and MODELS not in selected:
+                    yield from _check_evaluations(context, key, result.judged, settings.max_faces, checks)
+                if result.failure is None:
+                    failures.pop(key, None)
+                else:
+                    failures[key] = result.failure
                     context.log.error(f"image {key!r} failed: {failures[key][0]}")
                 progress.report(context.log, position[key], len(keys), key, "failed" if key in failures else "done")
         finally:
-            # a terminated run or a raise: downloads not started are cancelled, one in flight is waited for (bounded
-            # by S3_DOWNLOAD_TIMEOUT); LocalCopies then deletes every copy nothing consumed
-            pool.shutdown(wait=True, cancel_futures=True)
+            # a terminated run or a raise: images and downloads not started are cancelled, the ones in flight are
+            # waited for (bounded by one image's generation and S3_DOWNLOAD_TIMEOUT); LocalCopies then deletes
+            # every copy nothing consumed
+            stopping.set()
+            generating.shutdown(wait=True, cancel_futures=True)
+            fetching.shutdown(wait=True, cancel_futures=True)
 
     # one output per selected check, as Dagster expects of a step with checks; the evaluations above carry the results
     names = {spec.key: name for name, spec in context.assets_def.check_specs_by_output_name.items()}
