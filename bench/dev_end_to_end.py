@@ -84,7 +84,10 @@ def main() -> None:
         from hy3d_pipeline.models.resources import GeneratorResource
         from hy3d_pipeline.storage.resources import ImageStorage
 
+        from hy3d_pipeline.models.generators.base import load_generator
+
         storage, settings = ImageStorage.from_env(), GeneratorResource.from_env().settings()
+        load_generator(settings)  # dev's worker loaded its own at start, before the uploads
         t1 = time.time()
         for key in bodies:
             process_object(storage, storage.head("hy3d-images", key), key, settings)

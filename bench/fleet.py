@@ -6,7 +6,8 @@ Starts its own SeaweedFS, PostgreSQL and Redis on 127.0.0.1. Each engine variant
 same `--images` PNGs and a Postgres database of its own, runs under `hy3d-pipeline dev` (webserver + daemon) and
 is timed from the first upload until every model exists:
 
-  (a) plain loop       one process: `process_object` per image (check, download, generate, export, upload), warm
+  (a) plain loop       one process: `process_object` per image (check, download, generate, export, upload), its
+                       generator loaded before the clock starts, as the workers' are (they load it at start)
   (b) default launcher Dagster's DefaultRunLauncher (HY3D_RUN_LAUNCHER=default): a new process per run
   (c) workers x1       WorkerRunLauncher, one `hy3d-pipeline worker` on Redis
   (d) workers x2       the same with two workers (HY3D_GPU_SLOTS=2)
@@ -75,8 +76,9 @@ def plain_loop(s3_env: dict, bucket: str, n: int, tmp: Path, models_prefix: str 
     os.environ.update({**s3_env, "S3_IMAGES_BUCKET": bucket, "S3_TEMP_DIR": str(tmp / "loop-cache"),
                        "S3_MODELS_PREFIX": models_prefix})
     storage, settings = ImageStorage.from_env(), GeneratorResource.from_env().settings()
+    # loaded before the clock starts, as a worker loads its generator when it starts (before any upload here)
+    load_generator(settings)
     t0 = time.perf_counter()
-    load_generator(settings)  # the loop pays its one load too
     for i in range(n):
         key = f"img/{i:04d}.png"
         process_object(storage, storage.head(bucket, key), key, settings)
@@ -96,8 +98,9 @@ def engine(name: str, s3_env: dict, bucket: str, n: int, tmp: Path, env: dict, w
             procs.append(subprocess.Popen([sys.executable, "-m", "hy3d_pipeline.cli", "worker"], cwd=folder,
                                           env={**dev.env, "PYTHONPATH": str(ROOT)}, stdout=log,
                                           stderr=subprocess.STDOUT, start_new_session=True))
-        for w in range(workers):
-            wait_for(lambda: "ready" in (folder / f"worker{w}.log").read_text(), 120, f"worker {w}")
+        for w in range(workers):  # serving, its generator loaded (as the loop's is before its clock starts)
+            wait_for(lambda: all(s in (folder / f"worker{w}.log").read_text() for s in ("ready", "loaded in")),
+                     1200, f"worker {w}")
         s3 = _client(s3_env)
         t0 = time.perf_counter()
         upload(s3, bucket, n)

@@ -35,6 +35,10 @@ def test_dev_ui_sensor_and_shutdown(tmp_path):
         assert {m["generator_loads"] for m in made} == {1}  # ...loading the generator once
         pid = int(made[0]["worker"].rpartition(":")[2])
         assert pid in {c.pid for c in psutil.Process(worker_pid).children()}  # a pool process of dev's worker
+        # ...which loaded it when it started, before the first run reached it
+        worker_log = (tmp_path / ".hy3d" / "worker.log").read_text()
+        loaded = worker_log.find(f"pool process {pid}: generator 'extrude' loaded in ")
+        assert 0 <= loaded < worker_log.find("Task execute_job["), worker_log[-3000:]
     assert dev.proc.returncode is not None
     assert not psutil.pid_exists(worker_pid) or psutil.Process(worker_pid).status() == psutil.STATUS_ZOMBIE
     leftovers = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True).stdout.split()

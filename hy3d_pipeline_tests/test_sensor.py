@@ -138,6 +138,18 @@ def test_bursts_get_bigger_batches(ticker, s3, storage, monkeypatch):
     assert all(int(r.tags.get("hy3d/batch_size", 1)) <= 8 for r in small.run_requests)
 
 
+@pytest.mark.parametrize("slots, runs", [("1", [29] * 6 + [26]), ("2", [25] * 8)])
+def test_burst_runs_come_in_whole_rounds_of_the_gpu_slots(ticker, s3, storage, monkeypatch, slots, runs):
+    """200 images on two workers: 8 runs of 25 (4 each), not 6 of 32 and one of 8 that one worker does alone."""
+    monkeypatch.setenv("HY3D_BATCH_SIZE", "8")
+    monkeypatch.setenv("HY3D_GPU_SLOTS", slots)
+    keys = [f"w/{i:03d}.png" for i in range(200)]
+    put_many(s3, storage.images_bucket, keys)
+    data = ticker()
+    assert sorted(ticker.requested(data)) == keys
+    assert sorted((int(r.tags["hy3d/batch_size"]) for r in data.run_requests), reverse=True) == runs
+
+
 
 @pytest.mark.parametrize("images_prefix, models_prefix", [("", ""), ("in/", ""), ("models/in/", "models/"),
                                                            ("models/", "models/")])

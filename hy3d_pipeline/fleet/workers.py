@@ -12,12 +12,17 @@ Settings a GPU worker needs, and why:
 - a killed pool process fails its task (Celery's default for `task_reject_on_worker_lost=False`): the run it held
   is marked failed by run monitoring and retried as a new run; the message is not redelivered, since a run that
   was already started cannot be started again;
-- results are kept, so the launcher can tell queued, running, finished and dead tasks apart.
+- results are kept, so the launcher can tell queued, running, finished and dead tasks apart;
+- each pool process loads its generator as soon as it starts (after the fork, in a thread of its own, so
+  Celery's start-up timeout never waits on a model): the first run finds the model warm instead of loading it
+  (10-30 s with real weights). A run that arrives during the load waits for it; a load that fails is logged and
+  tried again, with the error in the run, by the first run.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -60,11 +65,40 @@ def make_worker_app(args: dict[str, Any]):
     from dagster_celery.make_app import make_app
     from dagster_celery.tasks import create_execute_job_task, create_resume_job_task
 
+    from celery.signals import worker_process_init
+
     app = make_app(app_args=args)
     route_queue(app, args["task_default_queue"])
+    worker_process_init.connect(_warm_up, weak=False)
     create_execute_job_task(app)
     create_resume_job_task(app)
     return app
+
+
+def _warm_up(**_signal) -> None:
+    threading.Thread(target=warm_generator, name="hy3d-warm-up", daemon=True).start()
+
+
+def warm_generator(out=print) -> bool:
+    """Load this process's generator and import what a run's step uses; says how it went in the worker's log."""
+    import importlib
+    import time
+
+    start = time.perf_counter()
+    try:
+        for module in ("hy3d_pipeline.definitions", "hy3d_pipeline.models.processing"):  # what every run imports
+            importlib.import_module(module)
+        from hy3d_pipeline.models.generators.base import load_generator
+        from hy3d_pipeline.models.resources import GeneratorResource
+
+        generator = load_generator(GeneratorResource.from_env().settings())
+    except Exception as exc:  # noqa: BLE001 - the first run loads it again and reports the error there
+        out(f"pool process {os.getpid()}: generator not loaded at start (the first run will try again): "
+            f"{type(exc).__name__}: {exc}", flush=True)
+        return False
+    out(f"pool process {os.getpid()}: generator {generator.name!r} loaded in {time.perf_counter() - start:.1f} s",
+        flush=True)
+    return True
 
 
 def route_queue(app, queue: str) -> None:
