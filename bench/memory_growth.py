@@ -46,9 +46,10 @@ def main() -> None:
     parser.add_argument("--generator", default="hunyuan3d", choices=["hunyuan3d", "extrude"])
     args = parser.parse_args()
 
-    from dagster import DagsterInstance, materialize
+    from dagster import materialize
 
     from hy3d_pipeline.embedded.seaweedfs import SeaweedS3
+    from hy3d_pipeline.fleet.instance import local_instance
     from hy3d_pipeline_tests.tiny_hunyuan import build_tiny_model
 
     with tempfile.TemporaryDirectory() as tmp, SeaweedS3(data_dir=Path(tmp) / "s3") as server:
@@ -79,7 +80,7 @@ def main() -> None:
 
         processing.upload_model = recording_upload
         (Path(tmp) / "dagster").mkdir()
-        with DagsterInstance.local_temp(tempdir=str(Path(tmp) / "dagster")) as instance:
+        with local_instance(Path(tmp) / "dagster") as instance:
             instance.add_dynamic_partitions("images", keys)
             start = rss_mb()
             result = materialize([image_to_model], instance=instance, resources=defs.resources,

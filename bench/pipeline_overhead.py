@@ -17,9 +17,9 @@ same warm model and none pays first-call costs. Then, each with its own models p
 already existing:
 
   (a) baseline  list the bucket (boto3's paginator), then `process_object` per object
-  (b) batched   fresh Dagster instance (`DagsterInstance.local_temp`); the sensor evaluated once with
-                HY3D_BATCH_SIZE=--batch and its records applied (timed); each RunRequest executed in-process by
-                the product's `execute_sensor_result` (what `hy3d-pipeline demo` does), log level ERROR
+  (b) batched   fresh Dagster instance on the storage `demo` and `dev` keep (`local_instance`); the sensor
+                evaluated once with HY3D_BATCH_SIZE=--batch and its records applied (timed); each RunRequest
+                executed in-process by the product's `execute_sensor_result` (what `hy3d-pipeline demo` does), log level ERROR
   (c) per-image the same with HY3D_BATCH_SIZE=1: one run per image
 
 The work is interleaved so that load from anything else on the machine falls on all three alike: the batched
@@ -174,17 +174,16 @@ def baseline_process(v: Variant, partitions: list[str], settings) -> None:
 def product_tick(v: Variant, tmp: Path, stack: contextlib.ExitStack) -> None:
     """Fresh instance; the sensor evaluated once and what it records applied, as the daemon does before it
     launches the tick's runs (timed)."""
-    from dagster import DagsterInstance
-
     from hy3d_pipeline.definitions import build_defs
     from hy3d_pipeline.embedded.demo import execute_sensor_result, tick
+    from hy3d_pipeline.fleet.instance import local_instance
     from hy3d_pipeline.images.partitions import IMAGES_PARTITIONS_NAME
 
     _env(v)
     v.defs = build_defs()  # reads the environment now
     home = tmp / f"dagster-{v.key}"
     home.mkdir()
-    v.instance = stack.enter_context(DagsterInstance.local_temp(tempdir=str(home)))
+    v.instance = stack.enter_context(local_instance(home))
     start = time.perf_counter()
     with contextlib.redirect_stderr(io.StringIO()):  # the sensor's INFO line
         result = tick(v.defs, v.instance)
@@ -215,9 +214,10 @@ def product_run(v: Variant, request) -> None:
 def warm_dagster(tmp: Path, partition: str) -> float:
     """One throwaway in-process run (its model already exists, so it is recorded as skipped): Dagster's
     first-run costs in this process (imports, code paths) are paid here, not by whichever variant runs first."""
-    from dagster import DagsterInstance, materialize
+    from dagster import materialize
 
     from hy3d_pipeline.definitions import build_defs
+    from hy3d_pipeline.fleet.instance import local_instance
     from hy3d_pipeline.images.partitions import IMAGES_PARTITIONS_NAME
     from hy3d_pipeline.models.assets import image_to_model
 
@@ -225,7 +225,7 @@ def warm_dagster(tmp: Path, partition: str) -> float:
     defs = build_defs()
     home = tmp / "dagster-warmup"
     home.mkdir()
-    with DagsterInstance.local_temp(tempdir=str(home)) as instance:
+    with local_instance(home) as instance:
         start = time.perf_counter()
         instance.add_dynamic_partitions(IMAGES_PARTITIONS_NAME, [partition])
         materialize([image_to_model], instance=instance, resources=defs.resources, partition_key=partition,

@@ -94,7 +94,7 @@ def test_step_that_raises_after_prefetching_leaves_no_copy(instance, storage, s3
         s3.put_object(Bucket=storage.images_bucket, Key=key, Body=png_bytes((64 + 8 * i, 64)))
     folder = storage.local_dir()
 
-    def dies_once_the_next_copies_are_in(storage_, info, key, settings, timer=None, local_path=None):
+    def dies_once_the_next_copies_are_in(storage_, info, key, settings, timer=None, local_path=None, copies=None):
         # the prefetch threads have the next images on disk when the step dies (waiting for them to land makes
         # the test deterministic; it asserts nothing about time)
         deadline = time.monotonic() + 30
@@ -102,7 +102,7 @@ def test_step_that_raises_after_prefetching_leaves_no_copy(instance, storage, s3
             time.sleep(0.02)
         raise Killed()
 
-    monkeypatch.setattr(processing, "process_object", dies_once_the_next_copies_are_in)
+    monkeypatch.setattr(processing, "make_model", dies_once_the_next_copies_are_in)
     result = _run(instance, storage, keys)
     assert not result.success
     assert list(folder.iterdir()) == []

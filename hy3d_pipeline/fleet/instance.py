@@ -53,6 +53,18 @@ def sqlite_storage(home: Path | str) -> dict:
                       "config": {"base_dir": os.path.join(home, *sub)}} for section, (cls, sub) in folders.items()}
 
 
+def local_instance(folder: Path):
+    """A Dagster instance in `folder` on the SQLite storage `demo` and `dev` keep (and nothing else of this
+    module's yaml): for in-process runs outside a prepared home, such as the benches'. A context manager."""
+    from dagster import DagsterInstance
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {**sqlite_storage(folder.absolute()), "telemetry": {"enabled": False}}
+    (folder / "dagster.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    return DagsterInstance.from_config(str(folder))
+
+
 _LAUNCHER_WORKERS = """\
 run_launcher:
   module: hy3d_pipeline.fleet.launcher

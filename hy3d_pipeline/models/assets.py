@@ -5,11 +5,11 @@ others: with separate steps, one bad key failing `local_images` would skip `mode
 Here each key goes as far as it can, good keys are recorded as materialized, and the step fails at the end naming
 only the bad ones. Selecting a single asset in the UI works too (`can_subset`). The whole step runs in the `gpu` pool.
 
-Inside the step, three kinds of work overlap: two threads download the next images, one thread generates (fetch
-result, generate, measure, upload: `processing.py`), and the step's own thread records what the previous image
-made. Recording is Dagster storage round trips (about a dozen events per image), which would otherwise add to
-every image's time; the generation thread never writes to Dagster, so event order and storage connections stay
-the step thread's. At most two images' results are in memory.
+Inside the step, three kinds of work overlap: two threads download the next images, one thread makes models
+(generate, measure, picture: `processing.make_model`), and the step's own thread uploads the model just made and
+records it. Uploads are S3 round trips and recording is Dagster storage round trips (about a dozen events per
+image); in one thread they would add to every image's time. The generation thread never writes to Dagster, so
+event order and storage connections stay the step thread's. At most two images' results are in memory.
 
 The asset checks on `models_3d` (checks.py) run in the same step, right after each model is made, while its
 mesh and the input's mask are in memory. They are partitioned like the asset: each key's evaluation is recorded
@@ -20,6 +20,7 @@ from the step, and a batch step spans a range), so the step records `AssetCheckE
 
 import socket
 import threading
+import time
 import warnings
 from dataclasses import dataclass, field
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -75,6 +76,8 @@ class _Image:
     records: list = field(default_factory=list)  # AssetMaterialization / AssetObservation, in order
     logs: list[tuple[str, str]] = field(default_factory=list)  # (level, message)
     judged: Any = None  # the ModelOutcome the checks judge
+    info: Any = None  # the ObjectInfo a model was made from
+    made: Any = None  # make_model's result (a MadeModel to upload, or the existing model's outcome)
     failure: tuple[str, bool] | None = None  # (message, transient)
 
 
@@ -202,7 +205,8 @@ def image_to_model(context: AssetExecutionContext, config: ModelsRunConfig, stor
                    generator: GeneratorResource):
     from hy3d_pipeline.fleet.liveness import mark_run_process
     from hy3d_pipeline.models import progress
-    from hy3d_pipeline.models.processing import Fetched, LocalCopies, existing_for_checks, fetch, process_object
+    from hy3d_pipeline.models.processing import (Fetched, LocalCopies, MadeModel, existing_for_checks, fetch,
+                                                 make_model)
 
     mark_run_process(context)
     selected = context.selected_asset_keys
@@ -249,20 +253,9 @@ def image_to_model(context: AssetExecutionContext, config: ModelsRunConfig, stor
                         **_inline(got.preview, "thumbnail"), "path": MetadataValue.path(str(path)),
                         "host": host, "etag": info.etag, "size": info.size, **(got.facts or {}),
                     }))
-                if MODELS in selected:
-                    outcome = process_object(storage, info, key, settings, got.timer, local_path=path, copies=copies)
-                    if outcome.superseded:
-                        # not a failure (a retry would only be superseded again) and not a materialization (the
-                        # model in S3 is the newer version's): an observation says what happened
-                        image.logs.append(("warning", f"image {key!r}: {outcome.superseded}"))
-                        image.records.append(AssetObservation(asset_key=MODELS, partition=key, metadata={
-                            "superseded": True, "message": outcome.superseded, "source_etag": info.etag,
-                            "current_source_etag": outcome.current_source_etag,
-                            "model_url": MetadataValue.text(outcome.model_url), **outcome.worker}))
-                    else:
-                        image.records.append(AssetMaterialization(asset_key=MODELS, partition=key,
-                                                                 metadata=_model_metadata(outcome, info, settings)))
-                        image.judged = outcome
+                if MODELS in selected:  # made here, uploaded by the step's thread (upload_and_record)
+                    image.info = info
+                    image.made = make_model(storage, info, key, settings, got.timer, local_path=path, copies=copies)
                 elif checks:  # the checks alone (the UI's "Execute checks"): judge the model there is
                     image.judged = existing_for_checks(storage, info, settings, got.timer, path, copies)
             except StorageError as exc:
@@ -289,6 +282,39 @@ def image_to_model(context: AssetExecutionContext, config: ModelsRunConfig, stor
                                          f"retrying in {delay:g} s: {failure[0]}"))
             stopping.wait(delay)
         return image
+
+    def upload_and_record(key: str, image: _Image) -> None:
+        """In the step's thread: upload a made model (while the next one is made) and record it. A transient
+        fault is retried here, the upload alone: the model in memory is not made again."""
+        made, info = image.made, image.info
+        for attempt in range(attempts):
+            try:
+                outcome = made.upload() if isinstance(made, MadeModel) else made
+                image.failure = None
+            except StorageError as exc:
+                image.failure = (str(exc), exc.transient)
+            except Exception as exc:  # noqa: BLE001 - as in one_image
+                image.failure = (f"{type(exc).__name__}: {exc}", False)
+            if image.failure is None or not image.failure[1] or attempt + 1 == attempts:
+                break
+            delay = first_delay * 2 ** attempt
+            context.log.warning(f"image {key!r}: upload failed (attempt {attempt + 1} of {attempts}), retrying in "
+                                f"{delay:g} s: {image.failure[0]}")
+            time.sleep(delay)
+        if image.failure is not None:
+            return
+        if outcome.superseded:
+            # not a failure (a retry would only be superseded again) and not a materialization (the model in S3
+            # is the newer version's): an observation says what happened
+            image.logs.append(("warning", f"image {key!r}: {outcome.superseded}"))
+            image.records.append(AssetObservation(asset_key=MODELS, partition=key, metadata={
+                "superseded": True, "message": outcome.superseded, "source_etag": info.etag,
+                "current_source_etag": outcome.current_source_etag,
+                "model_url": MetadataValue.text(outcome.model_url), **outcome.worker}))
+        else:
+            image.records.append(AssetMaterialization(asset_key=MODELS, partition=key,
+                                                      metadata=_model_metadata(outcome, info, settings)))
+            image.judged = outcome
 
     def get(key: str) -> Fetched:
         return fetch(storage, copies, relative_key_for(key), download=want_local, verify=LOCAL in selected)
@@ -320,6 +346,8 @@ def image_to_model(context: AssetExecutionContext, config: ModelsRunConfig, stor
                     wait([fetched])
                     progress.report(context.log, position[key], len(keys), key, "generating")
                 result = images.pop(key).result()
+                if result.made is not None:
+                    upload_and_record(key, result)
                 for level, message in result.logs:
                     getattr(context.log, level)(message)
                 for record in result.records:

@@ -1,7 +1,7 @@
 """One image through the whole chain, top to bottom: fetch, verify, prepare, generate, measure, export, upload.
 
 `fetch` (HEAD, verified download, the input's facts) and `process_object` (everything after) are the whole life
-of one image; the asset's step is a loop over them, and the seed API and the benchmark's plain-loop baseline
+of one image; the asset's step runs the same two in stages (`make_model`, then `MadeModel.upload`), and the seed API and the benchmark's plain-loop baseline
 call the same functions, so the product and its baseline do exactly the same work. `LocalCopies` owns the
 temporary files: every local copy made for a step or a call is deleted by it, whatever way the scope ends.
 Heavy imports (PIL, trimesh, the backend) happen inside, never at package import.
@@ -427,9 +427,19 @@ def process_object(storage: ImageStorage, source: ObjectInfo, partition_key: str
     """Generate and upload the model for one source object, unless it already exists for this ETag and settings.
     `partition_key` is kept for callers; the seed comes from the object key (`seed_key_for`). The local copy
     (`local_path`, or one fetched here) is released when this returns."""
+    made = make_model(storage, source, partition_key, settings, timer, local_path, copies)
+    return made.upload() if isinstance(made, MadeModel) else made
+
+
+def make_model(storage: ImageStorage, source: ObjectInfo, partition_key: str, settings: GenerationSettings,
+               timer: Timer | None = None, local_path: Path | None = None,
+               copies: LocalCopies | None = None) -> ModelOutcome | MadeModel:
+    """`process_object` up to the upload: the existing model's outcome, or a model made, measured and pictured
+    whose `upload()` finishes it. A step uploads one image's model while the next one is made. The local copy
+    is released when this returns (the mesh and the input's mask are in memory)."""
     if copies is None:
         with LocalCopies(storage) as own:
-            return process_object(storage, source, partition_key, settings, timer, local_path, own)
+            return make_model(storage, source, partition_key, settings, timer, local_path, own)
     timer = timer or Timer()
     model_key = storage.model_key(storage.relative_key(source.key), settings.output_format)
     try:
@@ -443,15 +453,53 @@ def process_object(storage: ImageStorage, source: ObjectInfo, partition_key: str
         if local_path is None or not local_path.exists():
             with timer.stage("download"):
                 local_path = copies.fetch(source)
-        return _generate_and_upload(storage, source, settings, model_key, local_path, timer)
+        return _make(storage, source, settings, model_key, local_path, timer)
     finally:
         copies.release(local_path)
 
 
-def _generate_and_upload(storage: ImageStorage, source: ObjectInfo, settings: GenerationSettings, model_key: str,
-                         path: Path, timer: Timer) -> ModelOutcome:
+@dataclass
+class MadeModel:
+    """A model generated from `source`, measured and pictured, not uploaded yet."""
+
+    storage: ImageStorage
+    source: ObjectInfo
+    settings: GenerationSettings
+    model_key: str
+    mesh: Any
+    generator: Any
+    foreground_method: str
+    figures: dict[str, Any]
+    picture: Any
+    preview: Any
+    notes: list[str]
+    timer: Timer
+    worker: dict[str, Any]  # worker_identity() right after the load that made the generator, in that process
+
+    def upload(self) -> ModelOutcome:
+        """Export and upload (upload_model); a source that changed meanwhile gives a `superseded` outcome."""
+        from hy3d_pipeline.models.thumbnails import png_bytes
+
+        storage, settings = self.storage, self.settings
+        try:
+            outcome = upload_model(storage, self.model_key, self.mesh, self.source, settings_used(settings, self.mesh),
+                                   self.generator.name, self.foreground_method, self.timer, figures=self.figures,
+                                   thumbnail=png_bytes(self.picture) if self.picture is not None else None)
+        except Superseded as exc:
+            return ModelOutcome(model_url=f"s3://{storage.models_bucket_name}/{self.model_key}",
+                                model_key=self.model_key, skipped=False, stats={}, timings=dict(self.timer.seconds),
+                                backend=self.generator.name, superseded=str(exc), current_source_etag=exc.current_etag,
+                                worker=worker_identity())
+        outcome.picture, outcome.input_preview, outcome.notes = self.picture, self.preview, self.notes
+        outcome.generator = self.generator.describe()
+        outcome.worker = self.worker
+        return outcome
+
+
+def _make(storage: ImageStorage, source: ObjectInfo, settings: GenerationSettings, model_key: str,
+          path: Path, timer: Timer) -> MadeModel:
     from hy3d_pipeline.models.checks import measure
-    from hy3d_pipeline.models.thumbnails import image_preview, png_bytes
+    from hy3d_pipeline.models.thumbnails import image_preview
 
     mesh, prepared, generator = generate_mesh(path, source.url, settings,
                                               seed_key_for(storage, source.bucket, source.key), timer)
@@ -461,17 +509,5 @@ def _generate_and_upload(storage: ImageStorage, source: ObjectInfo, settings: Ge
     with timer.stage("thumbnail"):
         picture = picture_of(mesh, notes)
         preview = image_preview(prepared.rgba)
-    try:
-        outcome = upload_model(storage, model_key, mesh, source, settings_used(settings, mesh), generator.name,
-                               prepared.foreground_method, timer, figures=figures,
-                               thumbnail=png_bytes(picture) if picture is not None else None)
-    except Superseded as exc:
-        return ModelOutcome(model_url=f"s3://{storage.models_bucket_name}/{model_key}", model_key=model_key,
-                            skipped=False, stats={}, timings=dict(timer.seconds), backend=generator.name,
-                            superseded=str(exc), current_source_etag=exc.current_etag,
-                            worker=worker_identity())
-    outcome.picture, outcome.input_preview, outcome.notes = picture, preview, notes
-    outcome.generator = generator.describe()
-    # read right after the load that made this generator (generate_mesh), in the process that ran it
-    outcome.worker = worker_identity()
-    return outcome
+    return MadeModel(storage, source, settings, model_key, mesh, generator, prepared.foreground_method, figures,
+                     picture, preview, notes, timer, worker_identity())
