@@ -12,8 +12,10 @@ is timed from the first upload until every model exists:
   (c) workers x1       WorkerRunLauncher, one `hy3d-pipeline worker` on Redis
   (d) workers x2       the same with two workers (HY3D_GPU_SLOTS=2)
 
-For each: s/image, the ratio to (a), runs, and generator loads (the distinct `worker` values of the models_3d
-materializations and their `generator_loads`). Then the per-event cost of Dagster storage: one in-process run of
+For each: s/image, the ratio to (a), runs, generator loads (the distinct `worker` values of the models_3d
+materializations and their `generator_loads`), and the machine's busy cores meanwhile (/proc/stat). On a small
+machine the servers, the daemon and every worker share the cores; `--pin` gives the loop core 0 and worker w
+core w alone (the rest runs anywhere), as a fleet's worker owns its GPU. Then the per-event cost of Dagster storage: one in-process run of
 32 images on SQLite, on Postgres through dagster-postgres as shipped (a connection per operation), and on Postgres
 through our pooled storages, each minus the plain loop over the same images.
 `--real-size N`: then (a), (b) and (c) again over N images, one run per image, with Hunyuan3D at the published
@@ -85,8 +87,22 @@ def plain_loop(s3_env: dict, bucket: str, n: int, tmp: Path, models_prefix: str 
     return time.perf_counter() - t0
 
 
+def busy_cores() -> tuple[float, float]:
+    """(CPU seconds busy on the whole machine, wall seconds) so far, from /proc/stat: two readings give the cores
+    that were busy in between, whatever the processes."""
+    fields = [float(v) for v in open("/proc/stat").readline().split()[1:]]
+    tick = os.sysconf("SC_CLK_TCK")
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / tick, time.monotonic()
+
+
+def cores_between(start: tuple[float, float]) -> float:
+    end = busy_cores()
+    return (end[0] - start[0]) / max(end[1] - start[1], 1e-9)
+
+
 def engine(name: str, s3_env: dict, bucket: str, n: int, tmp: Path, env: dict, workers: int, interval: int,
-           timeout: float) -> dict:
+           timeout: float, pin: bool = False) -> dict:
     import subprocess
 
     folder = tmp / name
@@ -95,22 +111,25 @@ def engine(name: str, s3_env: dict, bucket: str, n: int, tmp: Path, env: dict, w
         procs = []
         for w in range(workers):
             log = open(folder / f"worker{w}.log", "w")
-            procs.append(subprocess.Popen([sys.executable, "-m", "hy3d_pipeline.cli", "worker"], cwd=folder,
+            # --pin: worker w on core w alone, as a fleet's worker owns its GPU (the loop is one thread on core 0)
+            pinned = ["taskset", "-c", str(w % os.cpu_count())] if pin else []
+            procs.append(subprocess.Popen([*pinned, sys.executable, "-m", "hy3d_pipeline.cli", "worker"], cwd=folder,
                                           env={**dev.env, "PYTHONPATH": str(ROOT)}, stdout=log,
                                           stderr=subprocess.STDOUT, start_new_session=True))
         for w in range(workers):  # serving, its generator loaded (as the loop's is before its clock starts)
             wait_for(lambda: all(s in (folder / f"worker{w}.log").read_text() for s in ("ready", "loaded in")),
                      1200, f"worker {w}")
         s3 = _client(s3_env)
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), busy_cores()
         upload(s3, bucket, n)
         wait_for(lambda: count_models(s3, bucket) >= n, timeout, f"{name}: every model", every=0.5)
-        seconds = time.perf_counter() - t0
+        seconds, cores = time.perf_counter() - t0, cores_between(cpu0)
         runs, processes, total_loads = loads(dev)
         for p in procs:
             p.terminate()
             p.wait(30)
-    return {"name": name, "seconds": seconds, "runs": runs, "processes": processes, "loads": total_loads}
+    return {"name": name, "seconds": seconds, "runs": runs, "processes": processes, "loads": total_loads,
+            "cores": cores}
 
 
 def _client(s3_env: dict):
@@ -198,10 +217,11 @@ def real_size(args, s3_env: dict, server, pg: PostgresServer, redis_server: Redi
 
 
 def print_rows(rows: list[dict], n: int, loop_s: float) -> None:
-    print(f"{'variant':<18}{'s/image':>10}{'x loop':>9}{'runs':>6}{'processes':>11}{'loads':>7}")
+    print(f"{'variant':<18}{'s/image':>10}{'x loop':>9}{'runs':>6}{'processes':>11}{'loads':>7}"
+          f"{'busy cores':>12}  (of {os.cpu_count()})")
     for r in rows:
         print(f"{r['name']:<18}{r['seconds'] / n:>10.3f}{r['seconds'] / loop_s:>9.2f}"
-              f"{r['runs']:>6}{r['processes']:>11}{r['loads']:>7}")
+              f"{r['runs']:>6}{r['processes']:>11}{r['loads']:>7}{r.get('cores', float('nan')):>12.2f}")
 
 
 def main() -> None:
@@ -213,6 +233,8 @@ def main() -> None:
     parser.add_argument("--real-size", type=int, default=0, metavar="N", help="images for the 2mini-size variant")
     parser.add_argument("--events", type=int, default=32, help="images of the in-process storage runs (0: none)")
     parser.add_argument("--folder", default=None, help="keep the variants' folders (logs) here, not in a temp dir")
+    parser.add_argument("--pin", action="store_true", help="the loop on core 0, worker w on core w alone (one "
+                        "compute unit per worker, as a fleet's GPU; the servers and the daemon run anywhere)")
     args = parser.parse_args()
 
     from hy3d_pipeline.embedded.seaweedfs import SeaweedS3
@@ -227,8 +249,13 @@ def main() -> None:
             buckets = {v: f"fleet-{v}" for v in ["loop", *filter(None, args.variants.split(","))]}
             server.create_buckets(*buckets.values())
             upload(_client(s3_env), buckets["loop"], args.images)
+            if args.pin:
+                os.sched_setaffinity(0, {0})
+            cpu0 = busy_cores()
             loop_s = plain_loop(s3_env, buckets["loop"], args.images, tmp)
-            rows = [{"name": "plain loop", "seconds": loop_s, "runs": 0, "processes": 1, "loads": 1}]
+            rows = [{"name": "plain loop", "seconds": loop_s, "runs": 0, "processes": 1, "loads": 1,
+                     "cores": cores_between(cpu0)}]
+            os.sched_setaffinity(0, range(os.cpu_count()))
             variant_env = {
                 "default": ({"HY3D_RUN_LAUNCHER": "default"}, 0),
                 "workers1": ({"HY3D_BROKER_URL": redis_server.url.replace("/0", "/1")}, 1),
@@ -237,8 +264,10 @@ def main() -> None:
             for v in filter(None, args.variants.split(",")):
                 env, workers = variant_env[v]
                 env = {**env, "DAGSTER_PG_URL": pg.database(f"v_{v}")}
-                rows.append(engine(v, s3_env, buckets[v], args.images, tmp, env, workers, args.interval, args.timeout))
-            print(f"\n{args.images} images, extrude backend, Postgres storage, sensor interval {args.interval} s")
+                rows.append(engine(v, s3_env, buckets[v], args.images, tmp, env, workers, args.interval, args.timeout,
+                                   pin=args.pin))
+            print(f"\n{args.images} images, extrude backend, Postgres storage, sensor interval {args.interval} s"
+                  f"{', workers and loop pinned to a core each' if args.pin else ''}")
             print_rows(rows, args.images, loop_s)
             by = {r["name"]: r for r in rows}
             if "workers1" in by and "workers2" in by:
