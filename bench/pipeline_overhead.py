@@ -20,7 +20,7 @@ already existing:
   (b) batched   fresh Dagster instance on the storage `demo` and `dev` keep (`local_instance`); the sensor
                 evaluated once with HY3D_BATCH_SIZE=--batch and its records applied (timed); each RunRequest
                 executed in-process by the product's `execute_sensor_result` (what `hy3d-pipeline demo` does), log level ERROR
-  (c) per-image the same with HY3D_BATCH_SIZE=1: one run per image
+  (c) per-image the same with HY3D_BATCH_SIZE=HY3D_MAX_BATCH_SIZE=1: one run per image
 
 The work is interleaved so that load from anything else on the machine falls on all three alike: the batched
 variant's runs define groups of images, and each group is done by (a), (b) and (c) back to back, in rotating
@@ -126,6 +126,8 @@ def _env(variant: Variant) -> None:
     os.environ["S3_MODELS_PREFIX"] = variant.prefix
     if variant.batch:
         os.environ["HY3D_BATCH_SIZE"] = str(variant.batch)
+        # bursts are otherwise batched bigger (burst_batch_size): a run carries exactly --batch here
+        os.environ["HY3D_MAX_BATCH_SIZE"] = str(variant.batch)
 
 
 def covered(request, order: list[str]) -> list[str]:

@@ -35,8 +35,8 @@ Each wrapper, what it uses, and why (the public API that is missing):
   One pooled connection per storage outside the webserver; there is no setting for it.
 - `KnownTables`: an event log storage's `has_table`, asked before many writes (each asset event's tags): on
   Postgres it opened a second connection beside the pooled one for every such event. A table once there stays.
-- `SQLITE_STORAGES`, `SQLITE_BUSY_TIMEOUT_S`: Dagster's SQLite run, event log and schedule storages
-  (`dagster._core.storage.*`) and their busy timeout. fleet/sqlite.py subclasses them to keep their database
+- `sqlite_storages`: Dagster's SQLite run, event log and schedule storages (`dagster._core.storage.*`) and their
+  busy timeout (imported when called: they cost half a second, which `import hy3d_pipeline` must not pay). fleet/sqlite.py subclasses them to keep their database
   engines (they create one per operation); no setting or public class does it.
 
 Key-value limits (`KV_KEY_MAX`, `KV_VALUE_MAX`): the `kvs` table is the same on every instance storage, but on
@@ -66,10 +66,6 @@ from dagster._core.definitions.asset_checks.asset_check_evaluation import (
     AssetCheckEvaluationTargetMaterializationData,
 )
 from dagster._core.launcher import CheckRunHealthResult, WorkerStatus
-from dagster._core.storage.event_log import SqliteEventLogStorage
-from dagster._core.storage.runs import SqliteRunStorage
-from dagster._core.storage.schedules import SqliteScheduleStorage
-from dagster._core.storage.sqlite import SQLITE_BUSY_TIMEOUT_SECONDS as SQLITE_BUSY_TIMEOUT_S
 from dagster._core.storage.tags import WILL_RETRY_TAG
 
 __all__ = [
@@ -77,7 +73,7 @@ __all__ = [
     "backfill_partition_keys", "check_target", "evaluate_sensor", "existing_dynamic_partitions",
     "free_pool_slots_for_run", "init_pool_to_default", "kv_get", "kv_key", "kv_set", "latest_check_executions",
     "launcher_instance", "partitions_by_query", "pool_limits", "pooled_postgres_storage", "set_pool_slots",
-    "KnownTables", "SQLITE_STORAGES", "SQLITE_BUSY_TIMEOUT_S",
+    "KnownTables", "sqlite_storages",
 ]
 
 # --- the instance's key-value table -------------------------------------------------------------------------
@@ -262,9 +258,16 @@ def pooled_postgres_storage(cls, inst_data, config_value, url_for, **pool):
 
 # --- SQLite instance storage ----------------------------------------------------------------------------------
 
-# run, event log, schedule: each connects through `connect()` (runs, schedules) or `_connect(shard)` (events), with
-# a `_conn_string` or `conn_string_for_shard`; `from_local` (runs, schedules) creates the tables
-SQLITE_STORAGES = (SqliteRunStorage, SqliteEventLogStorage, SqliteScheduleStorage)
+def sqlite_storages():
+    """(run, event log, schedule storage classes, busy timeout in s). Each class connects through `connect()`
+    (runs, schedules) or `_connect(shard)` (events), with a `_conn_string` or `conn_string_for_shard`;
+    `from_local` (runs, schedules) creates the tables."""
+    from dagster._core.storage.event_log import SqliteEventLogStorage
+    from dagster._core.storage.runs import SqliteRunStorage
+    from dagster._core.storage.schedules import SqliteScheduleStorage
+    from dagster._core.storage.sqlite import SQLITE_BUSY_TIMEOUT_SECONDS
+
+    return SqliteRunStorage, SqliteEventLogStorage, SqliteScheduleStorage, SQLITE_BUSY_TIMEOUT_SECONDS
 
 
 class KnownTables:

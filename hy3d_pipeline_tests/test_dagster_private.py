@@ -298,7 +298,7 @@ def test_no_private_dagster_api_outside_its_module():
 
 def test_sqlite_storages_have_what_fleet_sqlite_overrides(tmp_path):
     """fleet/sqlite.py replaces these of Dagster's SQLite classes (test_sqlite_storage.py runs them for real)."""
-    runs, events, schedules = private.SQLITE_STORAGES
+    runs, events, schedules, busy_timeout = private.sqlite_storages()
     for cls in (runs, schedules):
         assert callable(cls.from_local) and callable(cls.connect)
         assert cls.from_local(str(tmp_path / cls.__name__))._conn_string.startswith("sqlite:///")
@@ -307,4 +307,4 @@ def test_sqlite_storages_have_what_fleet_sqlite_overrides(tmp_path):
     storage = events(str(tmp_path / "events"))
     assert isinstance(storage._initialized_dbs, set) and hasattr(storage._db_lock, "acquire")
     assert list(inspect.signature(events._connect).parameters) == ["self", "shard"]
-    assert private.SQLITE_BUSY_TIMEOUT_S > 0
+    assert busy_timeout > 0

@@ -22,9 +22,9 @@ from contextlib import contextmanager
 
 from sqlalchemy import create_engine
 
-from hy3d_pipeline.dagster_private import SQLITE_BUSY_TIMEOUT_S, SQLITE_STORAGES, KnownTables
+from hy3d_pipeline.dagster_private import KnownTables, sqlite_storages
 
-_SqliteRunStorage, _SqliteEventLogStorage, _SqliteScheduleStorage = SQLITE_STORAGES
+_SqliteRunStorage, _SqliteEventLogStorage, _SqliteScheduleStorage, SQLITE_BUSY_TIMEOUT_S = sqlite_storages()
 KEPT_SHARDS = 8  # a process writes one run's shard at a time; readers (the webserver) look at a few
 _all: weakref.WeakSet[_Engines] = weakref.WeakSet()
 
