@@ -2,7 +2,8 @@
 
     python3 bench/fleet.py --images 200                   # extrude backend
 
-Starts its own SeaweedFS, PostgreSQL and Redis on 127.0.0.1. Each engine variant gets a bucket of its own with the
+Starts its own SeaweedFS, PostgreSQL (with its default durability: fsync on, as SQLite's) and Redis on
+127.0.0.1. Each engine variant gets a bucket of its own with the
 same `--images` PNGs and a Postgres database of its own, runs under `hy3d-pipeline dev` (webserver + daemon) and
 is timed from the first upload until every model exists:
 
@@ -240,7 +241,7 @@ def main() -> None:
     from hy3d_pipeline.embedded.seaweedfs import SeaweedS3
 
     with (tempfile.TemporaryDirectory() if args.folder is None else contextlib.nullcontext(args.folder)) as tmp_name, \
-            PostgresServer() as pg, RedisServer() as redis_server:
+            PostgresServer(durable=True) as pg, RedisServer() as redis_server:
         tmp = Path(tmp_name)
         tmp.mkdir(parents=True, exist_ok=True)
         with SeaweedS3(data_dir=tmp / "s3") as server:

@@ -5,7 +5,10 @@
 Target (product spec): RSS grows by at most 50 MB from image 10 to image 100. Starts its own SeaweedFS, writes the
 tiny Hunyuan3D checkpoint, uploads `--images` distinct images, then materializes all of them as ONE Dagster run
 (one range of partitions, in-process, the way a batched sensor run or a backfill chunk executes) and records
-the process's RSS each time a model is uploaded. Prints RSS at image 10 and at the last image, and the growth.
+the process's RSS at the end of each image's cycle in the step (after it is uploaded and recorded and the step has
+returned freed memory: `assets.return_free_memory`), while the generation thread is already on the next images.
+Prints RSS at image 10 and at the last image, and the growth; and the peak RSS (sampled every 20 ms) over images
+1-10 and over the last 10, since the step holds up to two images' work at any moment.
 """
 
 from __future__ import annotations
@@ -61,7 +64,6 @@ def main() -> None:
                            "HY3D_OCTREE_RESOLUTION": "64", "HY3D_STEPS": "3", "HY3D_DEVICE": "cpu"})
         server.create_buckets("mem-images")
         from hy3d_pipeline.definitions import build_defs
-        from hy3d_pipeline.models import processing
         from hy3d_pipeline.models.assets import image_to_model
 
         defs = build_defs()
@@ -70,15 +72,27 @@ def main() -> None:
         for i, key in enumerate(keys):
             client.put_object(Bucket="mem-images", Key=key, Body=png(i))
 
+        import threading
+
+        from hy3d_pipeline.models import assets
+
         samples: list[float] = []
-        original = processing.upload_model
+        peaks: list[float] = [0.0]  # peak RSS while image len(peaks) is under way
+        original = assets.return_free_memory
 
-        def recording_upload(*a, **kw):
-            out = original(*a, **kw)
+        def recording_cycle_end():
+            original()
             samples.append(rss_mb())
-            return out
+            peaks.append(0.0)
 
-        processing.upload_model = recording_upload
+        assets.return_free_memory = recording_cycle_end
+        running = threading.Event()
+
+        def sample_peaks():
+            while not running.wait(0.02):
+                peaks[-1] = max(peaks[-1], rss_mb())
+
+        threading.Thread(target=sample_peaks, daemon=True).start()
         (Path(tmp) / "dagster").mkdir()
         with local_instance(Path(tmp) / "dagster") as instance:
             instance.add_dynamic_partitions("images", keys)
@@ -87,12 +101,15 @@ def main() -> None:
                                  tags={"dagster/asset_partition_range_start": keys[0],
                                        "dagster/asset_partition_range_end": keys[-1]},
                                  run_config={"loggers": {"console": {"config": {"log_level": "ERROR"}}}})
+        running.set()
         print(f"one run, {args.images} images, {args.generator}: success={result.success}, models={len(samples)}")
         if len(samples) >= 10:
             growth = samples[-1] - samples[9]
             print(f"RSS before the run {start:.0f} MB; after image 10 {samples[9]:.0f} MB; after image "
                   f"{len(samples)} {samples[-1]:.0f} MB; growth {growth:+.1f} MB (target <= 50 MB); "
                   f"max {max(samples):.0f} MB")
+            first, last = max(peaks[:10]), max(peaks[-11:-1])
+            print(f"peak RSS over images 1-10 {first:.0f} MB, over the last 10 {last:.0f} MB: {last - first:+.1f} MB")
 
 
 if __name__ == "__main__":

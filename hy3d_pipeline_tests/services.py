@@ -50,7 +50,8 @@ class PostgresServer:
     """`initdb` + `pg_ctl` in a scratch folder; as root the server runs as the `postgres` system user
     (PostgreSQL refuses to run as root)."""
 
-    def __init__(self) -> None:
+    def __init__(self, durable: bool = False) -> None:
+        self.durable = durable  # False: fsync=off, for the tests; True: PostgreSQL's defaults, for benches
         self.port = free_port()
         self.user = "hy3d"
         self.password = secrets.token_urlsafe(12)
@@ -75,7 +76,9 @@ class PostgresServer:
         subprocess.run(self._as_owner([_pg_tool("initdb"), "-D", str(self.data), "-U", self.user, "--auth=scram-sha-256",
                                        f"--pwfile={pwfile}", "-E", "UTF8", "--no-sync"]),
                        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        options = f"-h 127.0.0.1 -p {self.port} -k {self.folder} -c fsync=off -c max_connections=200"
+        # the tests' server skips fsync (speed); a bench's keeps PostgreSQL's defaults, as SQLite keeps its own
+        durability = "" if self.durable else " -c fsync=off"
+        options = f"-h 127.0.0.1 -p {self.port} -k {self.folder}{durability} -c max_connections=200"
         subprocess.run(self._as_owner([_pg_tool("pg_ctl"), "-D", str(self.data), "-o", options, "-l",
                                        str(self.folder / "log"), "-w", "start"]),
                        check=True, stdout=subprocess.DEVNULL)

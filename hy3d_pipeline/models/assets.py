@@ -18,6 +18,7 @@ from the step, and a batch step spans a range), so the step records `AssetCheckE
 """
 
 
+import functools
 import socket
 import threading
 import time
@@ -163,6 +164,26 @@ def _model_metadata(outcome, info: ObjectInfo, settings) -> dict[str, Any]:
         **({"notes": MetadataValue.json(outcome.notes)} if outcome.notes else {}),
     }
 
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's `malloc_trim`, or None where there is none (macOS, musl)."""
+    import ctypes
+
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def return_free_memory() -> None:
+    """Hand memory freed by the last image back to the system. Three threads allocate meshes, pictures and
+    buffers, each in a malloc arena of its own, and glibc keeps what they free: a 100-image run grew by 68 MB from
+    image 10 to 100 without this (`bench/memory_growth.py`) and shrank with it; one call costs about a millisecond."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _done_earlier_in_run(context: AssetExecutionContext, keys: list[str], selected) -> set[str]:
@@ -362,6 +383,8 @@ def image_to_model(context: AssetExecutionContext, config: ModelsRunConfig, stor
                     failures[key] = result.failure
                     context.log.error(f"image {key!r} failed: {failures[key][0]}")
                 progress.report(context.log, position[key], len(keys), key, "failed" if key in failures else "done")
+                del result
+                return_free_memory()
         finally:
             # a terminated run or a raise: images and downloads not started are cancelled, the ones in flight are
             # waited for (bounded by one image's generation and S3_DOWNLOAD_TIMEOUT); LocalCopies then deletes
