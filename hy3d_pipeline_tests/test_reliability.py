@@ -189,3 +189,30 @@ def test_one_transient_failure_redoes_no_good_image(own_server, instance, monkey
     models = [e for e in result.all_events if e.is_step_materialization and e.asset_key == AssetKey("models_3d")]
     assert len(models) == len(KEYS)  # recorded once each, step retry or not
     assert list(Path(storage.temp_dir).iterdir()) == []
+
+
+def test_transient_upload_fault_retries_the_upload_alone(own_server, instance, monkeypatch):
+    """The step makes a model in one thread and uploads it in another: an upload that fails transiently (here a
+    503 from S3, injected into the upload: SeaweedFS cannot be made to fail one request) is tried again with the
+    model in memory, not made again, and the run goes on with the other images."""
+    from hy3d_pipeline.models import processing
+    from hy3d_pipeline.storage.base import StorageError
+
+    monkeypatch.setenv("HY3D_IMAGE_RETRY_DELAY", "0.1")
+    server, storage = own_server
+    counts = _count_generations(monkeypatch)
+    original, calls = processing.upload_model, Counter()
+
+    def flaky(storage_, model_key, *args, **kwargs):
+        calls[model_key] += 1
+        if model_key == f"models/{KEYS[2]}.glb" and calls[model_key] == 1:
+            raise StorageError(f"s3://{storage_.models_bucket_name}/{model_key}: 503 SlowDown (try again)",
+                               transient=True, code="SlowDown")
+        return original(storage_, model_key, *args, **kwargs)
+
+    monkeypatch.setattr(processing, "upload_model", flaky)
+    instance.add_dynamic_partitions("images", KEYS)
+    assert _run(instance, storage).success
+    assert _models(storage) == {f"models/{k}.glb" for k in KEYS}
+    assert calls[f"models/{KEYS[2]}.glb"] == 2 and all(counts[k] == 1 for k in KEYS), (calls, counts)
+    assert set(instance.get_materialized_partitions(AssetKey("models_3d"))) == set(KEYS)
