@@ -150,3 +150,20 @@ def test_fleet_warm_workers_survive_sigkills(pg, redis_server, tmp_path):
                         w.wait(20)
                     except subprocess.TimeoutExpired:
                         os.killpg(w.pid, signal.SIGKILL)
+
+
+def test_worker_warm_up_loads_the_generator_or_says_why_not(monkeypatch):
+    """What each pool process runs as it starts (fleet.workers._warm_up's thread): a load that fails is said in
+    the worker's log and does not stop the process; the first run then loads again and reports the error."""
+    from hy3d_pipeline.fleet.workers import warm_generator
+    from hy3d_pipeline.models.generators import base
+
+    said: list[str] = []
+    monkeypatch.setenv("HY3D_GENERATOR", "extrude")
+    before = base.total_loads
+    assert warm_generator(out=lambda m, **_: said.append(m)) is True
+    assert "generator 'extrude' loaded in" in said[-1] and base.total_loads in (before, before + 1)
+    monkeypatch.setenv("HY3D_GENERATOR", "no-such-backend")
+    assert warm_generator(out=lambda m, **_: said.append(m)) is False
+    assert "generator not loaded at start (the first run will try again)" in said[-1]
+    assert "no-such-backend" in said[-1]
