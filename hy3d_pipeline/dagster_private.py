@@ -36,8 +36,9 @@ Each wrapper, what it uses, and why (the public API that is missing):
 - `KnownTables`: an event log storage's `has_table`, asked before many writes (each asset event's tags): on
   Postgres it opened a second connection beside the pooled one for every such event. A table once there stays.
 - `sqlite_storages`: Dagster's SQLite run, event log and schedule storages (`dagster._core.storage.*`) and their
-  busy timeout (imported when called: they cost half a second, which `import hy3d_pipeline` must not pay). fleet/sqlite.py subclasses them to keep their database
-  engines (they create one per operation); no setting or public class does it.
+  busy timeout (imported when called: they cost half a second, which `import hy3d_pipeline` must not pay).
+  fleet/sqlite.py subclasses them to keep their database engines (they create one per operation); no setting or
+  public class does it.
 
 Key-value limits (`KV_KEY_MAX`, `KV_VALUE_MAX`): the `kvs` table is the same on every instance storage, but on
 MySQL its unique index covers only a key's first 64 characters (two longer keys that share them are one row) and

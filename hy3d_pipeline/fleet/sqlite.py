@@ -3,7 +3,7 @@
 Dagster's SQLite storages create a new SQLAlchemy engine for every operation (`poolclass=NullPool`), and a
 statement compiled by an engine is cached in that engine: each of a run's events opened a file, read the schema
 and compiled the same INSERTs again. One in-process run of 32 images spent 16 ms per event on it, more than a
-third of its time beyond the plain loop (`bench/event_storage.py`). These subclasses keep one engine per database
+third of its time beyond the plain loop (`bench/fleet.py`'s event costs). These subclasses keep one engine per database
 file (a run's event shard, the index, runs, schedules), with the same files, tables, transactions and busy
 timeout, so a home written by Dagster's own classes reads the same either way and back.
 

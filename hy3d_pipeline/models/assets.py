@@ -23,8 +23,8 @@ import socket
 import threading
 import time
 import warnings
-from dataclasses import dataclass, field
 from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from dagster import (
@@ -166,6 +166,16 @@ def _model_metadata(outcome, info: ObjectInfo, settings) -> dict[str, Any]:
 
 
 
+def _failure_of(exc: Exception) -> tuple[str, bool]:
+    """(message, transient) of one image's failure: S3 faults say whether a retry may help, refused images
+    (ImageRejected is a ValueError) and generation errors speak for themselves, anything else names its type."""
+    if isinstance(exc, StorageError):
+        return str(exc), exc.transient
+    if isinstance(exc, (GenerationError, ValueError)):
+        return str(exc), False
+    return f"{type(exc).__name__}: {exc}", False
+
+
 @functools.cache
 def _malloc_trim():
     """glibc's `malloc_trim`, or None where there is none (macOS, musl)."""
@@ -279,12 +289,8 @@ def image_to_model(context: AssetExecutionContext, config: ModelsRunConfig, stor
                     image.made = make_model(storage, info, key, settings, got.timer, local_path=path, copies=copies)
                 elif checks:  # the checks alone (the UI's "Execute checks"): judge the model there is
                     image.judged = existing_for_checks(storage, info, settings, got.timer, path, copies)
-            except StorageError as exc:
-                failure = (str(exc), exc.transient)
-            except (GenerationError, ValueError) as exc:  # ImageRejected is a ValueError
-                failure = (str(exc), False)
             except Exception as exc:  # noqa: BLE001 - one image's surprise must not cost the others theirs
-                failure = (f"{type(exc).__name__}: {exc}", False)
+                failure = _failure_of(exc)
             except BaseException:  # an interrupt, an exit: the step ends, and the image queued next is not begun
                 stopping.set()
                 raise
@@ -312,10 +318,8 @@ def image_to_model(context: AssetExecutionContext, config: ModelsRunConfig, stor
             try:
                 outcome = made.upload() if isinstance(made, MadeModel) else made
                 image.failure = None
-            except StorageError as exc:
-                image.failure = (str(exc), exc.transient)
             except Exception as exc:  # noqa: BLE001 - as in one_image
-                image.failure = (f"{type(exc).__name__}: {exc}", False)
+                image.failure = _failure_of(exc)
             if image.failure is None or not image.failure[1] or attempt + 1 == attempts:
                 break
             delay = first_delay * 2 ** attempt
@@ -344,8 +348,8 @@ def image_to_model(context: AssetExecutionContext, config: ModelsRunConfig, stor
     stopping = threading.Event()
     with LocalCopies(storage) as copies:
         fetching = ThreadPoolExecutor(max_workers=PREFETCH, thread_name_prefix="hy3d-fetch")
-        # one generation thread: the generator is used by one thread at a time, and the step's thread writes
-        # the previous image's events (Dagster storage round trips) while this one generates
+        # one generation thread: the generator is used by one thread at a time, and the step's thread uploads
+        # and records the previous image (S3 and Dagster storage round trips) while this one generates
         generating = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hy3d-generate")
         downloads: dict[str, Future] = {}
         images: dict[str, Future] = {}

@@ -1,9 +1,10 @@
 """One image through the whole chain, top to bottom: fetch, verify, prepare, generate, measure, export, upload.
 
 `fetch` (HEAD, verified download, the input's facts) and `process_object` (everything after) are the whole life
-of one image; the asset's step runs the same two in stages (`make_model`, then `MadeModel.upload`), and the seed API and the benchmark's plain-loop baseline
-call the same functions, so the product and its baseline do exactly the same work. `LocalCopies` owns the
-temporary files: every local copy made for a step or a call is deleted by it, whatever way the scope ends.
+of one image; the asset's step runs the same two in stages (`make_model`, then `MadeModel.upload`), and the seed
+API and the benchmark's plain-loop baseline call the same functions, so the product and its baseline do exactly
+the same work. `LocalCopies` owns the temporary files: every local copy made for a step or a call is deleted by
+it, whatever way the scope ends.
 Heavy imports (PIL, trimesh, the backend) happen inside, never at package import.
 """
 
