@@ -1,6 +1,7 @@
 """The same images through the fleet's engines, against a plain loop doing the same work in one process.
 
     python3 bench/fleet.py --images 200                   # extrude backend
+    python3 bench/fleet.py --images 200 --device-seconds 0.5   # each image also holds a simulated accelerator
 
 Starts its own SeaweedFS, PostgreSQL (with its default durability: fsync on, as SQLite's) and Redis on
 127.0.0.1. Each engine variant gets a bucket of its own with the
@@ -16,13 +17,17 @@ is timed from the first upload until every model exists:
 For each: s/image, the ratio to (a), runs, generator loads (the distinct `worker` values of the models_3d
 materializations and their `generator_loads`), and the machine's busy cores meanwhile (/proc/stat). On a small
 machine the servers, the daemon and every worker share the cores; `--pin` gives the loop core 0 and worker w
-core w alone (the rest runs anywhere), as a fleet's worker owns its GPU. Then the per-event cost of Dagster storage: one in-process run of
-32 images on SQLite, on Postgres through dagster-postgres as shipped (a connection per operation), and on Postgres
-through our pooled storages, each minus the plain loop over the same images.
+core w alone (the rest runs anywhere), as a fleet's worker owns its GPU. Then the per-event cost of Dagster
+storage: one in-process run of 32 images on SQLite (Dagster's classes and ours), on Postgres through
+dagster-postgres as shipped (a connection per operation) and through our pooled storages, each minus the plain
+loop over the same images.
 `--real-size N`: then (a), (b) and (c) again over N images, one run per image, with Hunyuan3D at the published
 2mini size (random weights written as `bench/gpu_shapes.py` writes them, loaded through hy3dgen's real
-`from_pretrained`), octree 64 and one step on the CPU: what the default launcher's load per run costs when the
-load is a real one. Timings are printed, never asserted.
+`from_pretrained`), octree 16 (the lowest) and one step on the CPU: what the default launcher's load per run
+costs when the load is a real one.
+`--device-seconds S`: every variant's generator is `bench/simulated_device.py` (S seconds of a simulated
+accelerator with the CPU idle, then the extrude backend's work), so that adding a worker adds compute, as a GPU
+does, instead of sharing the machine's cores. Timings are printed, never asserted.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from hy3d_pipeline_tests.dev_process import DevProcess, wait_for  # noqa: E402
 from hy3d_pipeline_tests.services import PostgresServer, RedisServer  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
+import simulated_device  # noqa: E402
 from dev_end_to_end import image  # noqa: E402  (the same images as the dev bench)
 
 
@@ -115,7 +121,7 @@ def engine(name: str, s3_env: dict, bucket: str, n: int, tmp: Path, env: dict, w
             # --pin: worker w on core w alone, as a fleet's worker owns its GPU (the loop is one thread on core 0)
             pinned = ["taskset", "-c", str(w % os.cpu_count())] if pin else []
             procs.append(subprocess.Popen([*pinned, sys.executable, "-m", "hy3d_pipeline.cli", "worker"], cwd=folder,
-                                          env={**dev.env, "PYTHONPATH": str(ROOT)}, stdout=log,
+                                          env=dev.env, stdout=log,
                                           stderr=subprocess.STDOUT, start_new_session=True))
         for w in range(workers):  # serving, its generator loaded (as the loop's is before its clock starts)
             wait_for(lambda: all(s in (folder / f"worker{w}.log").read_text() for s in ("ready", "loaded in")),
@@ -199,7 +205,7 @@ def real_size(args, s3_env: dict, server, pg: PostgresServer, redis_server: Redi
     print(f"\nwrote a random 2mini-size checkpoint ({sum(counts.values()) / 1e6:.0f} M parameters) in "
           f"{time.perf_counter() - t0:.0f} s")
     gen = {"HY3D_GENERATOR": "hunyuan3d", "HY3DGEN_MODELS": str(models), "HY3D_MODEL_PATH": model_path,
-           "HY3D_MODEL_SUBFOLDER": subfolder, "HY3D_OCTREE_RESOLUTION": "64", "HY3D_STEPS": "1",
+           "HY3D_MODEL_SUBFOLDER": subfolder, "HY3D_OCTREE_RESOLUTION": "16", "HY3D_STEPS": "1",
            "HY3D_DEVICE": "cpu", "HY3D_BATCH_SIZE": "1", "HY3D_MAX_BATCH_SIZE": "1"}
     env = {**s3_env, **gen}
     n = args.real_size
@@ -213,7 +219,7 @@ def real_size(args, s3_env: dict, server, pg: PostgresServer, redis_server: Redi
                               ("workers1", {"HY3D_BROKER_URL": redis_server.url.replace("/0", "/3")}, 1)):
         rows.append(engine(f"real-{v}", env, buckets[v], n, tmp,
                            {**extra, "DAGSTER_PG_URL": pg.database(f"real_{v}")}, workers, args.interval, args.timeout))
-    print(f"{n} images, Hunyuan3D 2mini size (random weights), CPU, octree 64, 1 step, one run per image")
+    print(f"{n} images, Hunyuan3D 2mini size (random weights), CPU, octree 16, 1 step, one run per image")
     print_rows(rows, n, loop_s)
 
 
@@ -234,6 +240,8 @@ def main() -> None:
     parser.add_argument("--real-size", type=int, default=0, metavar="N", help="images for the 2mini-size variant")
     parser.add_argument("--events", type=int, default=32, help="images of the in-process storage runs (0: none)")
     parser.add_argument("--folder", default=None, help="keep the variants' folders (logs) here, not in a temp dir")
+    parser.add_argument("--device-seconds", type=float, default=0.0, metavar="S", help="each image also holds a "
+                        "simulated accelerator for S s, CPU idle (bench/simulated_device.py)")
     parser.add_argument("--pin", action="store_true", help="the loop on core 0, worker w on core w alone (one "
                         "compute unit per worker, as a fleet's GPU; the servers and the daemon run anywhere)")
     args = parser.parse_args()
@@ -245,7 +253,14 @@ def main() -> None:
         tmp = Path(tmp_name)
         tmp.mkdir(parents=True, exist_ok=True)
         with SeaweedS3(data_dir=tmp / "s3") as server:
-            s3_env = {**server.client_env(), "HY3D_GENERATOR": "extrude"}
+            generator = {"HY3D_GENERATOR": "extrude"}
+            if args.device_seconds:
+                found = simulated_device.declare(tmp / "simulated-device")
+                sys.path[:0] = found.split(os.pathsep)
+                generator = {"HY3D_GENERATOR": simulated_device.NAME,
+                             "HY3D_BENCH_DEVICE_SECONDS": str(args.device_seconds),
+                             "PYTHONPATH": os.pathsep.join([str(ROOT), found])}
+            s3_env = {**server.client_env(), **generator}
             os.environ.update(s3_env)
             buckets = {v: f"fleet-{v}" for v in ["loop", *filter(None, args.variants.split(","))]}
             server.create_buckets(*buckets.values())
@@ -267,7 +282,9 @@ def main() -> None:
                 env = {**env, "DAGSTER_PG_URL": pg.database(f"v_{v}")}
                 rows.append(engine(v, s3_env, buckets[v], args.images, tmp, env, workers, args.interval, args.timeout,
                                    pin=args.pin))
-            print(f"\n{args.images} images, extrude backend, Postgres storage, sensor interval {args.interval} s"
+            backend = (f"extrude behind a simulated accelerator ({args.device_seconds:g} s per image)"
+                       if args.device_seconds else "extrude backend")
+            print(f"\n{args.images} images, {backend}, Postgres storage, sensor interval {args.interval} s"
                   f"{', workers and loop pinned to a core each' if args.pin else ''}")
             print_rows(rows, args.images, loop_s)
             by = {r["name"]: r for r in rows}

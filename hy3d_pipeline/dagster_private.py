@@ -35,6 +35,10 @@ Each wrapper, what it uses, and why (the public API that is missing):
   One pooled connection per storage outside the webserver; there is no setting for it.
 - `KnownTables`: an event log storage's `has_table`, asked before many writes (each asset event's tags): on
   Postgres it opened a second connection beside the pooled one for every such event. A table once there stays.
+- `WithoutNotify`: `SqlEventLogStorage.store_event`, the generic SQL write of an event, in place of
+  dagster-postgres's copy of it, which adds `NOTIFY run_events` after every insert. Dagster 1.13 watches a run's
+  events by polling (`SqlPollingEventWatcher`); the NOTIFY is kept, its comment says, for older webservers. Under
+  autocommit it is a transaction of its own: a second commit, a WAL flush, for every event. No setting drops it.
 - `sqlite_storages`: Dagster's SQLite run, event log and schedule storages (`dagster._core.storage.*`) and their
   busy timeout (imported when called: they cost half a second, which `import hy3d_pipeline` must not pay).
   fleet/sqlite.py subclasses them to keep their database engines (they create one per operation); no setting or
@@ -74,7 +78,7 @@ __all__ = [
     "backfill_partition_keys", "check_target", "evaluate_sensor", "existing_dynamic_partitions",
     "free_pool_slots_for_run", "init_pool_to_default", "kv_get", "kv_key", "kv_set", "latest_check_executions",
     "launcher_instance", "partitions_by_query", "pool_limits", "pooled_postgres_storage", "set_pool_slots",
-    "KnownTables", "sqlite_storages",
+    "KnownTables", "WithoutNotify", "sqlite_storages",
 ]
 
 # --- the instance's key-value table -------------------------------------------------------------------------
@@ -279,3 +283,13 @@ class KnownTables:
         if table_name not in known and super().has_table(table_name):
             known.add(table_name)
         return table_name in known
+
+
+class WithoutNotify:
+    """Mixin for dagster-postgres's event log: every event stored by Dagster's generic SQL `store_event` (the
+    insert, then the asset and check indexes), without the `NOTIFY` dagster-postgres sends after each insert."""
+
+    def store_event(self, event) -> None:
+        from dagster._core.storage.event_log.sql_event_log import SqlEventLogStorage
+
+        SqlEventLogStorage.store_event(self, event)

@@ -246,6 +246,67 @@ def test_pooled_postgres_storage(request):
         assert private.kv_get(instance, ["pooled"]) == {"pooled": "yes"}
 
 
+def test_postgres_events_stored_without_notify(request):
+    """Our Postgres event log sends no NOTIFY (dagster-postgres's sends one after every event, a commit of its own),
+    and what it stores is whole: events, the asset's latest materialization, check verdicts, and a watcher (the
+    webserver's live run view, which polls) still sees new events."""
+    import threading
+
+    from dagster import DagsterEventType, EventLogEntry
+    from dagster_postgres.event_log import PostgresEventLogStorage
+    from sqlalchemy import event as sqlalchemy_event
+
+    def statements_of(storage) -> list[str]:
+        seen: list[str] = []
+        sqlalchemy_event.listen(storage._engine, "before_cursor_execute",
+                                lambda conn, cursor, statement, *rest: seen.append(statement))
+        return seen
+
+    def log_entry(run_id: str, message: str) -> EventLogEntry:
+        return EventLogEntry(error_info=None, level="INFO", user_message=message, run_id=run_id,
+                             timestamp=time.time())
+
+    with instance_on("postgres", request) as instance:
+        storage = instance.event_log_storage
+        ours = statements_of(storage)
+        instance.add_dynamic_partitions("things", ["good", "bad"])
+        for key in ("good", "bad"):
+            result = materialize([thing], instance=instance, partition_key=key)
+            assert result.success
+        assert ours and not [s for s in ours if "NOTIFY" in s.upper()]
+        stored = instance.get_records_for_run(result.run_id).records
+        assert any(r.event_log_entry.dagster_event_type == DagsterEventType.ASSET_MATERIALIZATION for r in stored)
+        latest = instance.get_latest_materialization_event(AssetKey("thing"))
+        assert latest is not None and latest.run_id == result.run_id
+        check = AssetCheckKey(AssetKey("thing"), "positive")
+        assert not private.latest_check_executions(instance, [check], "bad")[check].evaluation.passed
+        assert instance.fetch_materializations(
+            AssetRecordsFilter(asset_key=AssetKey("thing"), asset_partitions=["good"]), limit=1).records
+
+        seen, arrived = [], threading.Event()
+
+        def watcher(entry, cursor):
+            seen.append(entry.user_message)
+            arrived.set()
+
+        storage.watch("watched-run", None, watcher)
+        try:
+            storage.store_event(log_entry("watched-run", "after the watch began"))
+            assert arrived.wait(30), "the polling watcher never saw the new event"
+            assert seen == ["after the watch began"]
+        finally:
+            storage.end_watch("watched-run", watcher)
+
+        # the same write through dagster-postgres's own class sends the NOTIFY this test looks for
+        stock = PostgresEventLogStorage(storage.postgres_url, should_autocreate_tables=False)
+        try:
+            theirs = statements_of(stock)
+            stock.store_event(log_entry("stock-run", "hello"))
+            assert [s for s in theirs if "NOTIFY" in s.upper()]
+        finally:
+            stock.dispose()
+
+
 # --- the rest of the instance API we call, and nothing private elsewhere ---------------------------------------
 
 INSTANCE_CALLS = {  # DagsterInstance members we use outside this module, not marked @public: name -> arguments

@@ -8,7 +8,9 @@ Outside the webserver dagster-postgres opens a new connection for every operatio
 images spent more time connecting than working. These storages keep one pooled connection per storage instead
 (dagster-postgres's own webserver setting), which a run worker, the daemon and a Celery worker process all reuse.
 The event log also remembers which tables exist: asking opened a second connection beside the pooled one (and
-closed it again) for every asset event with tags.
+closed it again) for every asset event with tags. And it stores events without dagster-postgres's `NOTIFY`
+after each one: nothing in this Dagster listens (runs' events are polled), and in autocommit it was a second
+commit for every event.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from dagster_postgres.event_log import PostgresEventLogStorage
 from dagster_postgres.run_storage import PostgresRunStorage
 from dagster_postgres.schedule_storage import PostgresScheduleStorage
 
-from hy3d_pipeline.dagster_private import KnownTables, pooled_postgres_storage
+from hy3d_pipeline.dagster_private import KnownTables, WithoutNotify, pooled_postgres_storage
 
 _SCHEME = re.compile(r"^(postgres|postgresql)(\+[a-z0-9_]+)?://", re.I)
 POOL_RECYCLE_S = 3600
@@ -48,7 +50,7 @@ class RunStorage(_Pooled, PostgresRunStorage):
     pass
 
 
-class EventLogStorage(KnownTables, _Pooled, PostgresEventLogStorage):
+class EventLogStorage(WithoutNotify, KnownTables, _Pooled, PostgresEventLogStorage):
     pass
 
 
