@@ -256,10 +256,10 @@ def main() -> None:
             generator = {"HY3D_GENERATOR": "extrude"}
             if args.device_seconds:
                 found = simulated_device.declare(tmp / "simulated-device")
-                sys.path[:0] = found.split(os.pathsep)
+                sys.path[:0] = found
                 generator = {"HY3D_GENERATOR": simulated_device.NAME,
                              "HY3D_BENCH_DEVICE_SECONDS": str(args.device_seconds),
-                             "PYTHONPATH": os.pathsep.join([str(ROOT), found])}
+                             "PYTHONPATH": os.pathsep.join([str(ROOT), *found])}
             s3_env = {**server.client_env(), **generator}
             os.environ.update(s3_env)
             buckets = {v: f"fleet-{v}" for v in ["loop", *filter(None, args.variants.split(","))]}

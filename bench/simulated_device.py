@@ -35,13 +35,13 @@ def build(settings: GenerationSettings) -> SimulatedDeviceGenerator:
 GENERATOR = SimulatedDeviceGenerator
 
 
-def declare(folder) -> str:
-    """Write a dist-info under `folder` that declares this backend, and return the PYTHONPATH entries (folder,
-    bench/) a process needs to find it."""
+def declare(folder) -> list[str]:
+    """Write a dist-info under `folder` that declares this backend, and return the path entries (folder, bench/)
+    a process needs to find it."""
     from pathlib import Path
 
     info = Path(folder) / "hy3d_bench_simulated_device-0.dist-info"
     info.mkdir(parents=True, exist_ok=True)
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: hy3d-bench-simulated-device\nVersion: 0\n")
     (info / "entry_points.txt").write_text(f'[hy3d_pipeline.generators]\n{NAME} = simulated_device:build\n')
-    return os.pathsep.join([str(folder), str(Path(__file__).resolve().parent)])
+    return [str(folder), str(Path(__file__).resolve().parent)]
